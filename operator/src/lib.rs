@@ -1,0 +1,1 @@
+//! wsgate-operator (work in progress).
