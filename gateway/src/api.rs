@@ -1,0 +1,458 @@
+//! HTTP routes: the WebSocket endpoint, the server API for backends, metrics and probes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use hyper::upgrade::OnUpgrade;
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
+
+use crate::broker::Message;
+use crate::conn::{self, ConnSettings};
+use crate::error::ApiError;
+use crate::hub::Hub;
+use crate::protocol;
+use crate::types::{Channel, SocketId, Topic};
+
+/// Settings the HTTP layer needs.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Bearer key for /api/*, if any.
+    pub api_key: Option<String>,
+    /// Answer /api/* from non-loopback callers without a key.
+    pub allow_unauthenticated: bool,
+    /// Largest published message.
+    pub max_message_bytes: usize,
+    /// WebSocket path.
+    pub ws_path: String,
+}
+
+#[derive(Clone)]
+struct AppState {
+    hub: Hub,
+    api: Arc<ApiSettings>,
+    conn: ConnSettings,
+}
+
+/// Routes for clients and backends: the WebSocket path and `/api/*`.
+pub fn router(hub: Hub, api: ApiSettings, conn: ConnSettings) -> Router {
+    let ws_path = api.ws_path.clone();
+    let state = AppState {
+        hub,
+        api: Arc::new(api),
+        conn,
+    };
+    let api_routes = Router::new()
+        .route("/publish", post(publish))
+        .route("/broadcast", post(broadcast))
+        .route("/send", post(send))
+        .route("/disconnect", post(disconnect))
+        .route("/stats", get(stats))
+        .route("/topics/{topic}", get(topic_stats))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .route(&ws_path, get(websocket))
+        .nest("/api", api_routes)
+        .with_state(state)
+}
+
+/// Routes for operations: `/metrics`, `/healthz`, `/readyz`.
+pub fn ops_router(hub: Hub) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(hub)
+}
+
+async fn metrics(State(hub): State<Hub>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        hub.metrics().render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(hub): State<Hub>) -> Response {
+    if hub.is_draining() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+            .into_response()
+    } else if !hub.broker().is_up() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "broker_unavailable"})),
+        )
+            .into_response()
+    } else {
+        Json(json!({"status": "ready"})).into_response()
+    }
+}
+
+async fn websocket(State(st): State<AppState>, mut req: Request) -> Response {
+    if st.hub.is_draining() {
+        return ApiError::Draining.into_response();
+    }
+    let accept = match conn::check_upgrade(req.headers()) {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    let Some(slot) = st.hub.try_reserve() else {
+        return ApiError::ConnectionLimit.into_response();
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<OnUpgrade>() else {
+        return ApiError::BadRequest("this connection cannot be upgraded".into()).into_response();
+    };
+    tokio::spawn(conn::serve_upgraded(
+        st.hub.clone(),
+        on_upgrade,
+        slot,
+        st.conn,
+    ));
+    conn::switching_protocols(accept)
+}
+
+/// Bearer-key check (constant time), or loopback-only when no key is configured.
+async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let result = match &st.api.api_key {
+        Some(key) => check_bearer(req.headers(), key),
+        None if st.api.allow_unauthenticated => Ok(()),
+        None => {
+            let peer = req
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0);
+            if peer.is_some_and(|p| p.ip().is_loopback()) {
+                Ok(())
+            } else {
+                Err(ApiError::Forbidden(
+                    "no API key is configured, so /api/* answers loopback callers only",
+                ))
+            }
+        }
+    };
+    match result {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn check_bearer(headers: &HeaderMap, key: &str) -> Result<(), ApiError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or(ApiError::Unauthorized)?;
+    let token = value
+        .as_bytes()
+        .strip_prefix(b"Bearer ")
+        .ok_or(ApiError::Unauthorized)?;
+    let matches: bool = token.len() == key.len() && bool::from(token.ct_eq(key.as_bytes()));
+    if matches {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden("invalid API key"))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Body {
+    topic: Option<String>,
+    #[serde(rename = "socketId")]
+    socket_id: Option<String>,
+    message: Option<String>,
+    name: Option<String>,
+    data: Option<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct Target {
+    topic: Option<String>,
+    #[serde(rename = "socketId")]
+    socket_id: Option<String>,
+}
+
+enum Kind {
+    Publish,
+    Broadcast,
+    Send,
+}
+
+fn topic_field(value: Option<String>) -> Result<Topic, ApiError> {
+    let value = value.ok_or_else(|| ApiError::BadRequest("\"topic\" is required".into()))?;
+    Topic::new(&value).map_err(|e| ApiError::InvalidField {
+        field: "topic",
+        reason: e.to_string(),
+    })
+}
+
+fn socket_field(value: Option<String>) -> Result<SocketId, ApiError> {
+    let value = value.ok_or_else(|| ApiError::BadRequest("\"socketId\" is required".into()))?;
+    SocketId::parse(&value).map_err(|e| ApiError::InvalidField {
+        field: "socketId",
+        reason: e.to_string(),
+    })
+}
+
+fn channel_for(
+    kind: &Kind,
+    topic: Option<String>,
+    socket: Option<String>,
+) -> Result<Channel, ApiError> {
+    match kind {
+        Kind::Publish => {
+            if socket.is_some() {
+                return Err(ApiError::BadRequest(
+                    "\"socketId\" is not allowed here; use /api/send".into(),
+                ));
+            }
+            topic_field(topic).map(Channel::Topic)
+        }
+        Kind::Broadcast => {
+            if topic.is_some() || socket.is_some() {
+                return Err(ApiError::BadRequest(
+                    "broadcast takes no \"topic\" or \"socketId\"".into(),
+                ));
+            }
+            Ok(Channel::Broadcast)
+        }
+        Kind::Send => {
+            if topic.is_some() {
+                return Err(ApiError::BadRequest(
+                    "\"topic\" is not allowed here; use /api/publish".into(),
+                ));
+            }
+            socket_field(socket).map(Channel::Socket)
+        }
+    }
+}
+
+enum ContentKind {
+    Json,
+    Binary,
+}
+
+fn content_kind(headers: &HeaderMap) -> Result<ContentKind, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(ApiError::UnsupportedMediaType)?;
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "application/json" => Ok(ContentKind::Json),
+        "application/octet-stream" => Ok(ContentKind::Binary),
+        _ => Err(ApiError::UnsupportedMediaType),
+    }
+}
+
+/// Reads the body, refusing anything above `limit` bytes with 413.
+async fn read_body(req: Request, limit: usize, report: usize) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(ApiError::TooLarge(report));
+    }
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|e| {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                ApiError::TooLarge(report)
+            } else {
+                ApiError::BadRequest(format!("could not read the body: {e}"))
+            }
+        })
+}
+
+async fn deliver(
+    st: &AppState,
+    kind: Kind,
+    query: Target,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let max = st.api.max_message_bytes;
+    let (channel, message) = match content_kind(req.headers())? {
+        ContentKind::Binary => {
+            let channel = channel_for(&kind, query.topic, query.socket_id)?;
+            let body = read_body(req, max, max).await?;
+            (channel, Message::Binary(body))
+        }
+        ContentKind::Json => {
+            if query.topic.is_some() || query.socket_id.is_some() {
+                return Err(ApiError::BadRequest(
+                    "with a JSON body, put the target in the body".into(),
+                ));
+            }
+            // JSON escaping can double a message's size; the payload itself is checked below.
+            let body = read_body(req, max.saturating_mul(2).saturating_add(64 * 1024), max).await?;
+            let body: Body = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+            let channel = channel_for(&kind, body.topic, body.socket_id)?;
+            let text = match (body.message, body.name) {
+                (Some(_), Some(_)) => {
+                    return Err(ApiError::BadRequest(
+                        "use either \"message\" or \"name\"/\"data\", not both".into(),
+                    ));
+                }
+                (Some(message), None) => {
+                    if body.data.is_some() {
+                        return Err(ApiError::BadRequest(
+                            "\"data\" goes with \"name\", not \"message\"".into(),
+                        ));
+                    }
+                    message
+                }
+                (None, Some(name)) => {
+                    let data = body.data.as_deref().map_or("null", RawValue::get);
+                    protocol::envelope(&name, data)
+                }
+                (None, None) => {
+                    return Err(ApiError::BadRequest(
+                        "\"message\" or \"name\" is required".into(),
+                    ));
+                }
+            };
+            (channel, Message::Text(Bytes::from(text)))
+        }
+    };
+    if message.len() > max {
+        return Err(ApiError::TooLarge(max));
+    }
+    st.hub.publish(&channel, message).await?;
+    Ok(Json(json!({ "ok": true })).into_response())
+}
+
+async fn publish(
+    State(st): State<AppState>,
+    Query(q): Query<Target>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    deliver(&st, Kind::Publish, q, req).await
+}
+
+async fn broadcast(
+    State(st): State<AppState>,
+    Query(q): Query<Target>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    deliver(&st, Kind::Broadcast, q, req).await
+}
+
+async fn send(
+    State(st): State<AppState>,
+    Query(q): Query<Target>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    deliver(&st, Kind::Send, q, req).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    #[serde(rename = "socketId")]
+    socket_id: Option<String>,
+}
+
+async fn disconnect(State(st): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    if !matches!(content_kind(req.headers())?, ContentKind::Json) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let body = read_body(req, 4096, 4096).await?;
+    let body: DisconnectBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    let id = socket_field(body.socket_id)?;
+    st.hub
+        .broker()
+        .publish(&Channel::Socket(id), Message::Disconnect)
+        .await?;
+    Ok(Json(json!({ "ok": true })).into_response())
+}
+
+async fn stats(State(st): State<AppState>) -> Json<serde_json::Value> {
+    Json(st.hub.stats())
+}
+
+async fn topic_stats(
+    State(st): State<AppState>,
+    Path(topic): Path<String>,
+) -> Result<Response, ApiError> {
+    let topic = Topic::new(&topic).map_err(|e| ApiError::InvalidField {
+        field: "topic",
+        reason: e.to_string(),
+    })?;
+    Ok(
+        Json(json!({ "topic": topic.as_str(), "subscribers": st.hub.subscriber_count(&topic) }))
+            .into_response(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn bearer_keys_are_checked_exactly() {
+        let key = "0123456789abcdef";
+        let mut h = HeaderMap::new();
+        assert_eq!(check_bearer(&h, key), Err(ApiError::Unauthorized));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(check_bearer(&h, key), Err(ApiError::Unauthorized));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer 0123456789abcdeX"),
+        );
+        assert!(matches!(check_bearer(&h, key), Err(ApiError::Forbidden(_))));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer 0123456789abcdef0"),
+        );
+        assert!(matches!(check_bearer(&h, key), Err(ApiError::Forbidden(_))));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer 0123456789abcdef"),
+        );
+        assert_eq!(check_bearer(&h, key), Ok(()));
+    }
+
+    #[test]
+    fn content_types_are_matched_on_their_essence() {
+        let mut h = HeaderMap::new();
+        assert!(content_kind(&h).is_err());
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("Application/JSON; charset=utf-8"),
+        );
+        assert!(matches!(content_kind(&h), Ok(ContentKind::Json)));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        assert!(matches!(content_kind(&h), Ok(ContentKind::Binary)));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert_eq!(content_kind(&h).err(), Some(ApiError::UnsupportedMediaType));
+    }
+}

@@ -1,0 +1,341 @@
+//! Configuration: command-line flags with `WSGATE_*` environment twins, validated before
+//! anything binds. A bad setting is reported as one line naming it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::error::Error;
+use crate::types::KeyPrefix;
+
+/// Default WebSocket + API listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// Default broker key prefix.
+pub const DEFAULT_KEY_PREFIX: &str = "ws";
+/// Default broker connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2000;
+/// Default drain window on SIGTERM.
+pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
+/// Default largest inbound WebSocket message.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
+/// Default largest published message.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Default connection limit.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+/// Default topics per connection.
+pub const DEFAULT_MAX_TOPICS_PER_CONNECTION: usize = 100;
+/// Default inbound messages per second per connection.
+pub const DEFAULT_MAX_INBOUND_RATE: u32 = 100;
+/// Default idle timeout.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 120;
+/// Default outbound queue length.
+pub const DEFAULT_QUEUE_MESSAGES: usize = 1024;
+/// Default outbound queue bytes.
+pub const DEFAULT_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// wsgate: a WebSocket fan-out gateway. Clients join topics; backends publish over HTTP;
+/// replicas share messages through Redis (or run alone on the in-process broker).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "wsgate", version, about, long_about = None)]
+pub struct Config {
+    /// Address for WebSocket clients and the HTTP API.
+    #[arg(long, env = "WSGATE_LISTEN", default_value = DEFAULT_LISTEN, value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// Separate address for /metrics, /healthz and /readyz (default: served on --listen).
+    #[arg(long, env = "WSGATE_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// WebSocket path.
+    #[arg(
+        long,
+        env = "WSGATE_WS_PATH",
+        default_value = "/ws",
+        value_name = "PATH"
+    )]
+    pub ws_path: String,
+
+    /// Redis URL (redis:// or rediss://); absent: the in-process broker (single instance).
+    #[arg(
+        long,
+        env = "WSGATE_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+
+    /// Namespace of the broker channels ({prefix}:{topic}); 1-64 of a-z A-Z 0-9 _ : . -
+    #[arg(long, env = "WSGATE_KEY_PREFIX", default_value = DEFAULT_KEY_PREFIX, value_name = "PREFIX")]
+    pub key_prefix: String,
+
+    /// Broker connect (and confirmation) timeout in milliseconds.
+    #[arg(long, env = "WSGATE_CONNECT_TIMEOUT_MS", default_value_t = DEFAULT_CONNECT_TIMEOUT_MS, value_name = "MS")]
+    pub connect_timeout_ms: u64,
+
+    /// API key required as "Authorization: Bearer <key>" on /api/*.
+    #[arg(
+        long,
+        env = "WSGATE_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+
+    /// Without an API key, answer /api/* from any address (not just loopback).
+    #[arg(long, env = "WSGATE_API_ALLOW_UNAUTHENTICATED")]
+    pub api_allow_unauthenticated: bool,
+
+    /// On SIGTERM: seconds to drain connections before exiting.
+    #[arg(long, env = "WSGATE_DRAIN_TIMEOUT_SECS", default_value_t = DEFAULT_DRAIN_TIMEOUT_SECS, value_name = "SECS")]
+    pub drain_timeout_secs: u64,
+
+    /// Most simultaneous WebSocket connections (0: unlimited).
+    #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_name = "N")]
+    pub max_connections: usize,
+
+    /// Largest inbound WebSocket message in bytes.
+    #[arg(long, env = "WSGATE_MAX_FRAME_BYTES", default_value_t = DEFAULT_MAX_FRAME_BYTES, value_name = "BYTES")]
+    pub max_frame_bytes: usize,
+
+    /// Largest message accepted by the publish API in bytes.
+    #[arg(long, env = "WSGATE_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES, value_name = "BYTES")]
+    pub max_message_bytes: usize,
+
+    /// Most topics one connection may join.
+    #[arg(long, env = "WSGATE_MAX_TOPICS_PER_CONNECTION", default_value_t = DEFAULT_MAX_TOPICS_PER_CONNECTION, value_name = "N")]
+    pub max_topics_per_connection: usize,
+
+    /// Inbound messages per second per connection (0: unlimited).
+    #[arg(long, env = "WSGATE_MAX_INBOUND_RATE", default_value_t = DEFAULT_MAX_INBOUND_RATE, value_name = "N")]
+    pub max_inbound_rate: u32,
+
+    /// Close connections silent for this many seconds (0: never).
+    #[arg(long, env = "WSGATE_IDLE_TIMEOUT_SECS", default_value_t = DEFAULT_IDLE_TIMEOUT_SECS, value_name = "SECS")]
+    pub idle_timeout_secs: u64,
+
+    /// Most messages waiting for one slow client before it is disconnected.
+    #[arg(long, env = "WSGATE_OUTBOUND_QUEUE_MESSAGES", default_value_t = DEFAULT_QUEUE_MESSAGES, value_name = "N")]
+    pub outbound_queue_messages: usize,
+
+    /// Most bytes waiting for one slow client before it is disconnected.
+    #[arg(long, env = "WSGATE_OUTBOUND_QUEUE_BYTES", default_value_t = DEFAULT_QUEUE_BYTES, value_name = "BYTES")]
+    pub outbound_queue_bytes: usize,
+
+    /// Log format.
+    #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing env-filter syntax).
+    #[arg(
+        long,
+        env = "WSGATE_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
+    pub log: String,
+}
+
+fn invalid(setting: &'static str, message: impl Into<String>) -> Error {
+    Error::Config {
+        setting,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Parses flags (and environment twins) from an explicit argument list.
+    ///
+    /// # Errors
+    /// A [`clap::Error`] for unknown flags or unparsable values.
+    pub fn parse_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Self::try_parse_from(args)
+    }
+
+    /// Checks cross-field rules and ranges.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the first bad setting.
+    pub fn validate(&self) -> Result<(), Error> {
+        KeyPrefix::new(&self.key_prefix).map_err(|e| {
+            invalid(
+                "--key-prefix (WSGATE_KEY_PREFIX)",
+                format!("{:?} {e}", self.key_prefix),
+            )
+        })?;
+        if !self.ws_path.starts_with('/') || self.ws_path.starts_with("/api") {
+            return Err(invalid(
+                "--ws-path (WSGATE_WS_PATH)",
+                "must start with / and not be under /api",
+            ));
+        }
+        if !(1..=600_000).contains(&self.connect_timeout_ms) {
+            return Err(invalid(
+                "--connect-timeout-ms (WSGATE_CONNECT_TIMEOUT_MS)",
+                "must be 1..=600000",
+            ));
+        }
+        if let Some(url) = &self.redis_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(invalid(
+                    "--redis-url (WSGATE_REDIS_URL)",
+                    "must start with redis:// or rediss://",
+                ));
+            }
+        }
+        if let Some(key) = &self.api_key {
+            if key.len() < 16 || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid(
+                    "--api-key (WSGATE_API_KEY)",
+                    "must be at least 16 characters without spaces or control characters",
+                ));
+            }
+        }
+        if self.drain_timeout_secs > 3600 {
+            return Err(invalid(
+                "--drain-timeout-secs (WSGATE_DRAIN_TIMEOUT_SECS)",
+                "must be at most 3600",
+            ));
+        }
+        if !(16..=64 * 1024 * 1024).contains(&self.max_frame_bytes) {
+            return Err(invalid(
+                "--max-frame-bytes (WSGATE_MAX_FRAME_BYTES)",
+                "must be 16..=67108864",
+            ));
+        }
+        if !(1..=256 * 1024 * 1024).contains(&self.max_message_bytes) {
+            return Err(invalid(
+                "--max-message-bytes (WSGATE_MAX_MESSAGE_BYTES)",
+                "must be 1..=268435456",
+            ));
+        }
+        if self.max_topics_per_connection == 0 {
+            return Err(invalid(
+                "--max-topics-per-connection (WSGATE_MAX_TOPICS_PER_CONNECTION)",
+                "must be at least 1",
+            ));
+        }
+        if self.outbound_queue_messages == 0 {
+            return Err(invalid(
+                "--outbound-queue-messages (WSGATE_OUTBOUND_QUEUE_MESSAGES)",
+                "must be at least 1",
+            ));
+        }
+        if self.outbound_queue_bytes < self.max_message_bytes + 16 {
+            return Err(invalid(
+                "--outbound-queue-bytes (WSGATE_OUTBOUND_QUEUE_BYTES)",
+                "must be larger than --max-message-bytes, or no message could ever be queued",
+            ));
+        }
+        if let Some(m) = self.metrics_listen {
+            if m == self.listen {
+                return Err(invalid(
+                    "--metrics-listen (WSGATE_METRICS_LISTEN)",
+                    "must differ from --listen",
+                ));
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
+            return Err(invalid(
+                "--log (WSGATE_LOG)",
+                format!("{:?} is not a valid log filter", self.log),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The validated key prefix.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when it is invalid.
+    pub fn key_prefix(&self) -> Result<KeyPrefix, Error> {
+        KeyPrefix::new(&self.key_prefix)
+            .map_err(|e| invalid("--key-prefix (WSGATE_KEY_PREFIX)", e.to_string()))
+    }
+
+    /// Broker connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// Drain window.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+
+    /// Idle timeout, if enabled.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout_secs > 0).then(|| Duration::from_secs(self.idle_timeout_secs))
+    }
+}
+
+/// Renders a clap error as one line (`error: invalid value ... for '--listen <ADDR>' ...`).
+pub fn one_line(err: &clap::Error) -> String {
+    let text = err.to_string();
+    let first = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid arguments");
+    first.trim_start_matches("error: ").to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let cfg = Config::parse_args(std::iter::once("wsgate").chain(args.iter().copied()))
+            .map_err(|e| one_line(&e))?;
+        cfg.validate().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let cfg = parse(&[]).unwrap();
+        assert_eq!(cfg.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(cfg.key_prefix, "ws");
+        assert_eq!(cfg.connect_timeout_ms, 2000);
+        assert!(cfg.redis_url.is_none());
+    }
+
+    #[test]
+    fn bad_values_name_the_setting_in_one_line() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--listen", "nope"], "--listen"),
+            (&["--key-prefix", "a b"], "--key-prefix"),
+            (&["--key-prefix", ""], "--key-prefix"),
+            (&["--connect-timeout-ms", "0"], "--connect-timeout-ms"),
+            (&["--connect-timeout-ms=-5"], "--connect-timeout-ms"),
+            (&["--redis-url", "http://x"], "--redis-url"),
+            (&["--api-key", "short"], "--api-key"),
+            (&["--max-frame-bytes", "1"], "--max-frame-bytes"),
+            (
+                &["--max-topics-per-connection", "0"],
+                "--max-topics-per-connection",
+            ),
+            (&["--outbound-queue-bytes", "10"], "--outbound-queue-bytes"),
+            (&["--ws-path", "ws"], "--ws-path"),
+            (&["--log", "[[["], "--log"),
+            (&["--no-such-flag"], "--no-such-flag"),
+        ];
+        for (args, setting) in cases {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(setting), "{args:?}: {err}");
+            assert!(!err.contains('\n'), "{args:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! One WebSocket connection: the handshake, the reader loop and the writer task.
+//!
+//! The reader owns the read half and runs in the connection's task; the writer owns the write
+//! half and runs in a task of its own, draining the connection's [`Outbox`]. When either side
+//! ends, the other is stopped, and cleanup (unregistering, counting the close reason) happens in
+//! one place at the end of [`run`].
+//!
+//! [`Outbox`]: crate::outbox::Outbox
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use sha1::{Digest, Sha1};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+
+use crate::broker::BrokerError;
+use crate::error::{ApiError, ClientError};
+use crate::frame::{self, FrameReader, Inbound, close_code};
+use crate::hub::{Conn, Hub, Slot};
+use crate::metrics::CloseReason;
+use crate::protocol::{self, Command};
+use crate::types::Channel;
+
+/// How much a read asks for at a time. The buffer exists only while bytes are being parsed.
+const READ_CHUNK: usize = 4096;
+/// The pong for the seed's `2` ping, encoded once.
+static PONG_FRAME: &[u8] = &[0x81, 0x01, b'3'];
+
+/// Per-connection settings taken from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnSettings {
+    /// Largest inbound message accepted.
+    pub max_frame_bytes: usize,
+    /// Inbound messages per second (0: unlimited).
+    pub max_inbound_rate: u32,
+    /// How long a closing connection may take to flush its close frame.
+    pub close_timeout: Duration,
+}
+
+/// Validates a WebSocket upgrade request and returns the `Sec-WebSocket-Accept` value.
+///
+/// # Errors
+/// [`ApiError::BadRequest`] naming the missing or wrong header.
+pub fn check_upgrade(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+        return Err(ApiError::BadRequest(
+            "expected a WebSocket upgrade request".into(),
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v != "13")
+    {
+        return Err(ApiError::BadRequest(
+            "Sec-WebSocket-Version must be 13".into(),
+        ));
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|k| {
+            base64::engine::general_purpose::STANDARD
+                .decode(k.as_bytes())
+                .is_ok_and(|d| d.len() == 16)
+        })
+        .ok_or_else(|| ApiError::BadRequest("missing or invalid Sec-WebSocket-Key".into()))?;
+    let mut sha = Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    let accept = base64::engine::general_purpose::STANDARD.encode(sha.finalize());
+    HeaderValue::from_str(&accept).map_err(|_| ApiError::BadRequest("bad key".into()))
+}
+
+/// The `101 Switching Protocols` response.
+pub fn switching_protocols(accept: HeaderValue) -> Response {
+    let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    resp
+}
+
+/// Waits for the HTTP layer to hand over the socket, then runs the connection.
+pub async fn serve_upgraded(hub: Hub, on_upgrade: OnUpgrade, slot: Slot, settings: ConnSettings) {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "websocket upgrade failed");
+            return;
+        }
+    };
+    // Our own server hands over a plain TCP stream: use its halves directly (no lock, and
+    // reads wait for readiness without holding a buffer). Embedders' servers may wrap it.
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let (r, w) = parts.io.into_inner().into_split();
+            run(hub, TcpReader(r), w, parts.read_buf, slot, settings).await;
+        }
+        Err(upgraded) => {
+            let (r, w) = tokio::io::split(TokioIo::new(upgraded));
+            run(hub, GenericReader(r), w, Bytes::new(), slot, settings).await;
+        }
+    }
+}
+
+/// Where the reader gets bytes from.
+trait ReadSource: Send {
+    /// Appends at least one byte to `buf`, or returns 0 at end of stream.
+    fn read_into(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> impl Future<Output = std::io::Result<usize>> + Send;
+}
+
+struct TcpReader(OwnedReadHalf);
+
+impl ReadSource for TcpReader {
+    async fn read_into(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        loop {
+            // Wait for data before allocating, so idle connections hold no read buffer.
+            self.0.readable().await?;
+            buf.reserve(READ_CHUNK);
+            match self.0.try_read_buf(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+struct GenericReader<R>(R);
+
+impl<R: AsyncRead + Unpin + Send> ReadSource for GenericReader<R> {
+    async fn read_into(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        buf.reserve(READ_CHUNK);
+        self.0.read_buf(buf).await
+    }
+}
+
+/// Token bucket for the inbound message rate.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+    /// Rejections since the last accepted message.
+    strikes: u32,
+}
+
+impl RateLimit {
+    fn new(rate: u32) -> Option<Self> {
+        (rate > 0).then(|| Self {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            last: Instant::now(),
+            strikes: 0,
+        })
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.strikes = 0;
+            true
+        } else {
+            self.strikes += 1;
+            false
+        }
+    }
+}
+
+async fn run<R, W>(
+    hub: Hub,
+    mut reader: R,
+    writer: W,
+    leftover: Bytes,
+    slot: Slot,
+    settings: ConnSettings,
+) where
+    R: ReadSource,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = hub.register();
+    let writer_task = tokio::spawn({
+        let conn = conn.clone();
+        let metrics = hub.metrics().clone();
+        async move { conn.outbox.run_writer(writer, &metrics).await }
+    });
+
+    let mut session = Session {
+        hub: &hub,
+        conn: &conn,
+        frames: FrameReader::new(settings.max_frame_bytes),
+        rate: RateLimit::new(settings.max_inbound_rate),
+        settings,
+    };
+    let mut buf = BytesMut::from(&leftover[..]);
+    'outer: loop {
+        // Handle everything already buffered before waiting for more.
+        loop {
+            match session.frames.next(&mut buf) {
+                Ok(Some(item)) => {
+                    if session.handle(item).await.is_break() {
+                        break 'outer;
+                    }
+                }
+                Ok(None) => break,
+                Err(v) => {
+                    conn.outbox
+                        .close(v.code, v.reason, CloseReason::ProtocolError, true);
+                    break 'outer;
+                }
+            }
+        }
+        if buf.is_empty() {
+            // Release the read buffer between messages.
+            buf = BytesMut::new();
+        }
+        tokio::select! {
+            biased;
+            () = conn.outbox.closing() => break,
+            r = reader.read_into(&mut buf) => match r {
+                Ok(0) => {
+                    // End of stream without a close frame: nothing left to send to.
+                    conn.outbox.abort(CloseReason::Client);
+                    break;
+                }
+                Ok(_) => hub.touch(&conn),
+                Err(_) => {
+                    conn.outbox.abort(CloseReason::IoError);
+                    break;
+                }
+            },
+        }
+    }
+
+    // Give the writer a bounded time to flush the close frame, then cut the socket.
+    let abort = writer_task.abort_handle();
+    if tokio::time::timeout(settings.close_timeout, writer_task)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
+    hub.unregister(&conn);
+    drop(slot);
+}
+
+struct Session<'a> {
+    hub: &'a Hub,
+    conn: &'a Arc<Conn>,
+    frames: FrameReader,
+    rate: Option<RateLimit>,
+    settings: ConnSettings,
+}
+
+impl Session<'_> {
+    fn error(&self, error: &ClientError, id: Option<&protocol::AckId>) {
+        self.hub.metrics().client_error(error);
+        self.hub
+            .send_control(self.conn, protocol::error_frame(error, id));
+    }
+
+    /// Handles one inbound item; `Break` ends the read loop.
+    async fn handle(&mut self, item: Inbound) -> std::ops::ControlFlow<()> {
+        use std::ops::ControlFlow::{Break, Continue};
+        match item {
+            Inbound::Text(_) | Inbound::Binary(_) | Inbound::TooLarge { .. } => {
+                if let Some(rate) = &mut self.rate {
+                    if !rate.allow() {
+                        let limit = rate.rate as u32;
+                        if rate.strikes > limit.max(10) {
+                            self.conn.outbox.close(
+                                close_code::POLICY_VIOLATION,
+                                "inbound message rate exceeded",
+                                CloseReason::RateLimited,
+                                true,
+                            );
+                            return Break(());
+                        }
+                        self.error(&ClientError::RateLimited(limit), None);
+                        return Continue(());
+                    }
+                }
+            }
+            _ => {}
+        }
+        match item {
+            Inbound::Text(text) => self.on_text(&text).await,
+            Inbound::Binary(_) => self.error(&ClientError::UnsupportedBinary, None),
+            Inbound::TooLarge { len } => self.error(
+                &ClientError::MessageTooLarge {
+                    len,
+                    max: self.settings.max_frame_bytes,
+                },
+                None,
+            ),
+            Inbound::Ping(payload) => {
+                self.hub
+                    .send_control(self.conn, frame::encode(frame::OpCode::Pong, &payload));
+            }
+            Inbound::Pong => {}
+            Inbound::Close(code) => {
+                // Echo the close handshake, after anything already queued.
+                let echo = match code {
+                    Some(c) if (1000..=1003).contains(&c) || (3000..=4999).contains(&c) => c,
+                    _ => close_code::NORMAL,
+                };
+                self.conn.outbox.close(echo, "", CloseReason::Client, false);
+                return Break(());
+            }
+        }
+        Continue(())
+    }
+
+    async fn on_text(&mut self, text: &[u8]) {
+        let command = match protocol::parse_command(text) {
+            Ok(c) => c,
+            Err(rejected) => return self.error(&rejected.error, rejected.id.as_ref()),
+        };
+        match command {
+            Command::Ping => self
+                .hub
+                .send_control(self.conn, Bytes::from_static(PONG_FRAME)),
+            Command::Heartbeat => {}
+            Command::Join { topic, id } => {
+                if let Err(e) = self.hub.join(self.conn, &topic) {
+                    return self.error(&e, id.as_ref());
+                }
+                let Some(id) = id else { return };
+                // The join barrier: acknowledge only once delivery is active cluster-wide.
+                let channel = Channel::Topic(topic.clone());
+                match self.hub.broker().confirmed(&channel).await {
+                    Ok(()) => self
+                        .hub
+                        .send_control(self.conn, protocol::ack_frame(true, &topic, &id)),
+                    Err(e) => {
+                        let msg = match e {
+                            BrokerError::Timeout => "subscription not confirmed in time".to_owned(),
+                            other => other.to_string(),
+                        };
+                        self.error(&ClientError::Broker(msg), Some(&id));
+                    }
+                }
+            }
+            Command::Leave { topic, id } => {
+                self.hub.leave(self.conn, &topic);
+                if let Some(id) = id {
+                    self.hub
+                        .send_control(self.conn, protocol::ack_frame(false, &topic, &id));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upgrade_accept_key_matches_the_rfc_example() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        h.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+        );
+        assert_eq!(check_upgrade(&h).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn upgrade_requests_missing_headers_are_rejected() {
+        let mut h = HeaderMap::new();
+        assert!(check_upgrade(&h).is_err());
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(check_upgrade(&h).is_err());
+        h.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        h.insert(header::SEC_WEBSOCKET_KEY, HeaderValue::from_static("short"));
+        assert!(check_upgrade(&h).is_err());
+    }
+
+    #[test]
+    fn rate_limit_allows_a_burst_then_refuses() {
+        let mut r = RateLimit::new(5).unwrap();
+        let allowed = (0..10).filter(|_| r.allow()).count();
+        assert!((5..=6).contains(&allowed), "{allowed}");
+        assert!(RateLimit::new(0).is_none());
+    }
+}

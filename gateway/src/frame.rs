@@ -1,0 +1,603 @@
+//! The WebSocket wire format (RFC 6455), as the gateway needs it.
+//!
+//! Server-to-client frames are never masked, so one encoded frame is valid for every recipient:
+//! [`encode`] builds it once and the fan-out shares the resulting [`Bytes`] by reference.
+//! Client-to-server frames are always masked; [`FrameReader`] parses them incrementally from a
+//! read buffer, reassembles fragmented messages, enforces the inbound size limit without
+//! buffering oversized payloads, and reports protocol violations.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// Frame opcodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpCode {
+    Continuation,
+    Text,
+    Binary,
+    Close,
+    Ping,
+    Pong,
+}
+
+impl OpCode {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0x0 => OpCode::Continuation,
+            0x1 => OpCode::Text,
+            0x2 => OpCode::Binary,
+            0x8 => OpCode::Close,
+            0x9 => OpCode::Ping,
+            0xA => OpCode::Pong,
+            _ => return None,
+        })
+    }
+
+    fn as_u8(self) -> u8 {
+        match self {
+            OpCode::Continuation => 0x0,
+            OpCode::Text => 0x1,
+            OpCode::Binary => 0x2,
+            OpCode::Close => 0x8,
+            OpCode::Ping => 0x9,
+            OpCode::Pong => 0xA,
+        }
+    }
+
+    fn is_control(self) -> bool {
+        matches!(self, OpCode::Close | OpCode::Ping | OpCode::Pong)
+    }
+}
+
+/// WebSocket close codes the gateway sends.
+pub mod close_code {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// The server is going away (shutdown, idle).
+    pub const GOING_AWAY: u16 = 1001;
+    /// The peer broke the protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame was not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// The peer broke a policy (rate, slow consumer).
+    pub const POLICY_VIOLATION: u16 = 1008;
+    /// The message was too big to process.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// Server overloaded; try again later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// Encodes one unmasked, final frame carrying `payload`.
+pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(payload.len() + 10);
+    put_header(&mut out, opcode, payload.len());
+    out.extend_from_slice(payload);
+    out.freeze()
+}
+
+/// Encodes a text frame (the caller guarantees UTF-8).
+pub fn text(payload: &[u8]) -> Bytes {
+    encode(OpCode::Text, payload)
+}
+
+/// Encodes a binary frame.
+pub fn binary(payload: &[u8]) -> Bytes {
+    encode(OpCode::Binary, payload)
+}
+
+/// Encodes a close frame; the reason is cut to fit the 125-byte control frame limit.
+pub fn close(code: u16, reason: &str) -> Bytes {
+    let mut cut = reason.len().min(123);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut payload = Vec::with_capacity(2 + cut);
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(&reason.as_bytes()[..cut]);
+    encode(OpCode::Close, &payload)
+}
+
+fn put_header(out: &mut BytesMut, opcode: OpCode, len: usize) {
+    out.put_u8(0x80 | opcode.as_u8());
+    if len < 126 {
+        out.put_u8(len as u8);
+    } else if let Ok(len16) = u16::try_from(len) {
+        out.put_u8(126);
+        out.put_u16(len16);
+    } else {
+        out.put_u8(127);
+        out.put_u64(len as u64);
+    }
+}
+
+/// Something read from a client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// A complete text message (valid UTF-8).
+    Text(Bytes),
+    /// A complete binary message.
+    Binary(Bytes),
+    /// A ping; the payload must be echoed in a pong.
+    Ping(Bytes),
+    /// A pong (ignored beyond liveness).
+    Pong,
+    /// The client started the closing handshake.
+    Close(Option<u16>),
+    /// A message larger than the limit was discarded without being buffered.
+    TooLarge {
+        /// The size the client announced (for a fragmented message: so far).
+        len: u64,
+    },
+}
+
+/// A violation of RFC 6455 by the client: the connection must be closed with `code`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct ProtocolViolation {
+    /// The close code to send.
+    pub code: u16,
+    /// Why (sent as the close reason).
+    pub reason: &'static str,
+}
+
+fn violation(reason: &'static str) -> ProtocolViolation {
+    ProtocolViolation {
+        code: close_code::PROTOCOL_ERROR,
+        reason,
+    }
+}
+
+/// Incremental parser for client frames.
+#[derive(Debug)]
+pub struct FrameReader {
+    max_message: usize,
+    /// Payload bytes of an oversized frame still to be discarded.
+    skipping: u64,
+    /// A fragmented message being reassembled.
+    partial: Option<Partial>,
+}
+
+#[derive(Debug)]
+struct Partial {
+    opcode: OpCode,
+    data: BytesMut,
+    /// The message passed the limit: discard its remaining fragments.
+    discard: bool,
+}
+
+impl FrameReader {
+    /// A reader accepting messages up to `max_message` bytes.
+    pub fn new(max_message: usize) -> Self {
+        Self {
+            max_message,
+            skipping: 0,
+            partial: None,
+        }
+    }
+
+    /// Parses the next complete item from the front of `buf`, consuming its bytes.
+    ///
+    /// Returns `Ok(None)` when more bytes are needed.
+    ///
+    /// # Errors
+    /// [`ProtocolViolation`] when the client broke the protocol.
+    pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Inbound>, ProtocolViolation> {
+        loop {
+            if self.skipping > 0 {
+                let n = (buf.len() as u64).min(self.skipping);
+                buf.advance(n as usize);
+                self.skipping -= n;
+                if self.skipping > 0 {
+                    return Ok(None);
+                }
+                continue;
+            }
+            let Some(header) = parse_header(buf)? else {
+                return Ok(None);
+            };
+            match self.on_frame(header, buf)? {
+                Step::NeedMore => return Ok(None),
+                Step::Item(item) => return Ok(Some(item)),
+                Step::Consumed => {}
+            }
+        }
+    }
+
+    fn on_frame(&mut self, h: Header, buf: &mut BytesMut) -> Result<Step, ProtocolViolation> {
+        if h.opcode.is_control() {
+            if !h.fin || h.len > 125 {
+                return Err(violation(
+                    "control frames must be final and at most 125 bytes",
+                ));
+            }
+            let Some(payload) = take_payload(buf, &h) else {
+                return Ok(Step::NeedMore);
+            };
+            return match h.opcode {
+                OpCode::Ping => Ok(Step::Item(Inbound::Ping(payload))),
+                OpCode::Pong => Ok(Step::Item(Inbound::Pong)),
+                _ => parse_close(&payload).map(|code| Step::Item(Inbound::Close(code))),
+            };
+        }
+
+        let continuing = self.partial.is_some();
+        match (h.opcode, continuing) {
+            (OpCode::Continuation, false) => {
+                return Err(violation(
+                    "continuation frame without a message to continue",
+                ));
+            }
+            (OpCode::Text | OpCode::Binary, true) => {
+                return Err(violation(
+                    "new message before the previous one was finished",
+                ));
+            }
+            _ => {}
+        }
+
+        let so_far = self.partial.as_ref().map_or(0, |p| p.data.len() as u64);
+        let discarding = self.partial.as_ref().is_some_and(|p| p.discard);
+        if discarding || so_far + h.len > self.max_message as u64 {
+            // Too big: drop the payload as it streams past instead of buffering it.
+            buf.advance(h.header_len);
+            self.skipping = h.len;
+            let announced = so_far + h.len;
+            if h.fin {
+                self.partial = None;
+            } else {
+                let opcode = self.partial.as_ref().map_or(h.opcode, |p| p.opcode);
+                self.partial = Some(Partial {
+                    opcode,
+                    data: BytesMut::new(),
+                    discard: true,
+                });
+            }
+            // Report once per message: when it first goes over the limit.
+            return Ok(if discarding {
+                Step::Consumed
+            } else {
+                Step::Item(Inbound::TooLarge { len: announced })
+            });
+        }
+
+        let Some(payload) = take_payload(buf, &h) else {
+            return Ok(Step::NeedMore);
+        };
+        if !h.fin {
+            let partial = self.partial.get_or_insert_with(|| Partial {
+                opcode: h.opcode,
+                data: BytesMut::new(),
+                discard: false,
+            });
+            partial.data.extend_from_slice(&payload);
+            return Ok(Step::Consumed);
+        }
+        let (opcode, data) = match self.partial.take() {
+            Some(mut p) => {
+                p.data.extend_from_slice(&payload);
+                (p.opcode, p.data.freeze())
+            }
+            None => (h.opcode, payload),
+        };
+        match opcode {
+            OpCode::Text => {
+                if std::str::from_utf8(&data).is_err() {
+                    return Err(ProtocolViolation {
+                        code: close_code::INVALID_PAYLOAD,
+                        reason: "text message is not valid UTF-8",
+                    });
+                }
+                Ok(Step::Item(Inbound::Text(data)))
+            }
+            _ => Ok(Step::Item(Inbound::Binary(data))),
+        }
+    }
+}
+
+/// What one frame amounted to.
+enum Step {
+    /// The frame is not fully buffered yet; nothing was consumed.
+    NeedMore,
+    /// The frame was consumed and completed an item.
+    Item(Inbound),
+    /// The frame was consumed without completing an item (a fragment).
+    Consumed,
+}
+
+#[derive(Debug)]
+struct Header {
+    fin: bool,
+    opcode: OpCode,
+    mask: [u8; 4],
+    len: u64,
+    header_len: usize,
+}
+
+fn parse_header(buf: &BytesMut) -> Result<Option<Header>, ProtocolViolation> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let b0 = buf[0];
+    let b1 = buf[1];
+    if b0 & 0x70 != 0 {
+        return Err(violation(
+            "reserved bits set without a negotiated extension",
+        ));
+    }
+    let opcode = OpCode::from_u8(b0 & 0x0F).ok_or_else(|| violation("unknown opcode"))?;
+    if b1 & 0x80 == 0 {
+        return Err(violation("client frames must be masked"));
+    }
+    let (len, mut at) = match b1 & 0x7F {
+        126 => {
+            if buf.len() < 4 {
+                return Ok(None);
+            }
+            (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4)
+        }
+        127 => {
+            if buf.len() < 10 {
+                return Ok(None);
+            }
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(&buf[2..10]);
+            let len = u64::from_be_bytes(raw);
+            if len >> 63 != 0 {
+                return Err(violation("frame length has the most significant bit set"));
+            }
+            (len, 10)
+        }
+        short => (u64::from(short), 2),
+    };
+    if buf.len() < at + 4 {
+        return Ok(None);
+    }
+    let mut mask = [0u8; 4];
+    mask.copy_from_slice(&buf[at..at + 4]);
+    at += 4;
+    Ok(Some(Header {
+        fin: b0 & 0x80 != 0,
+        opcode,
+        mask,
+        len,
+        header_len: at,
+    }))
+}
+
+/// Takes and unmasks a frame's payload once it is fully buffered.
+fn take_payload(buf: &mut BytesMut, h: &Header) -> Option<Bytes> {
+    let len = usize::try_from(h.len).ok()?;
+    if buf.len() < h.header_len + len {
+        return None;
+    }
+    buf.advance(h.header_len);
+    let mut payload = buf.split_to(len);
+    unmask(&mut payload, h.mask);
+    Some(payload.freeze())
+}
+
+fn unmask(data: &mut [u8], mask: [u8; 4]) {
+    let word = u32::from_ne_bytes(mask);
+    let mut chunks = data.chunks_exact_mut(4);
+    for chunk in &mut chunks {
+        let v = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) ^ word;
+        chunk.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= mask[i];
+    }
+}
+
+fn parse_close(payload: &[u8]) -> Result<Option<u16>, ProtocolViolation> {
+    match payload.len() {
+        0 => Ok(None),
+        1 => Err(violation("close frame payload of one byte")),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if std::str::from_utf8(&payload[2..]).is_err() {
+                return Err(ProtocolViolation {
+                    code: close_code::INVALID_PAYLOAD,
+                    reason: "close reason is not valid UTF-8",
+                });
+            }
+            Ok(Some(code))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a masked client frame.
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        let len = payload.len();
+        if len < 126 {
+            out.push(0x80 | len as u8);
+        } else if len <= 0xFFFF {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    fn read_all(reader: &mut FrameReader, bytes: &[u8]) -> Vec<Inbound> {
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while let Some(item) = reader.next(&mut buf).unwrap() {
+            out.push(item);
+        }
+        out
+    }
+
+    #[test]
+    fn server_frames_use_the_shortest_length_encoding() {
+        assert_eq!(&text(b"hi")[..], &[0x81, 2, b'h', b'i']);
+        let mid = binary(&[7u8; 300]);
+        assert_eq!(&mid[..4], &[0x82, 126, 1, 44]);
+        let big = binary(&vec![0u8; 70_000]);
+        assert_eq!(big[1], 127);
+        assert_eq!(big.len(), 70_000 + 10);
+    }
+
+    #[test]
+    fn close_frames_carry_the_code_and_a_cut_reason() {
+        let frame = close(1001, &"é".repeat(100));
+        assert_eq!(frame[0], 0x88);
+        assert!(usize::from(frame[1]) <= 125);
+        assert_eq!(&frame[2..4], &1001u16.to_be_bytes());
+        assert!(std::str::from_utf8(&frame[4..]).is_ok());
+    }
+
+    #[test]
+    fn masked_text_and_binary_frames_are_unmasked() {
+        let mut r = FrameReader::new(1024);
+        let mut bytes = client_frame(true, 1, b"hello world");
+        bytes.extend(client_frame(true, 2, &[1, 2, 3]));
+        assert_eq!(
+            read_all(&mut r, &bytes),
+            vec![
+                Inbound::Text(Bytes::from_static(b"hello world")),
+                Inbound::Binary(Bytes::from_static(&[1, 2, 3]))
+            ]
+        );
+    }
+
+    #[test]
+    fn frames_split_at_every_byte_boundary_still_parse() {
+        let bytes = client_frame(true, 1, &[b'x'; 200]);
+        for cut in 0..bytes.len() {
+            let mut r = FrameReader::new(1024);
+            let mut buf = BytesMut::from(&bytes[..cut]);
+            assert_eq!(r.next(&mut buf).unwrap(), None, "cut at {cut}");
+            buf.extend_from_slice(&bytes[cut..]);
+            assert_eq!(
+                r.next(&mut buf).unwrap(),
+                Some(Inbound::Text(Bytes::from(vec![b'x'; 200])))
+            );
+        }
+    }
+
+    #[test]
+    fn fragmented_messages_are_reassembled_around_interleaved_pings() {
+        let mut r = FrameReader::new(1024);
+        let mut bytes = client_frame(false, 1, b"hel");
+        bytes.extend(client_frame(true, 9, b"p"));
+        bytes.extend(client_frame(false, 0, b"lo "));
+        bytes.extend(client_frame(true, 0, b"you"));
+        assert_eq!(
+            read_all(&mut r, &bytes),
+            vec![
+                Inbound::Ping(Bytes::from_static(b"p")),
+                Inbound::Text(Bytes::from_static(b"hello you"))
+            ]
+        );
+    }
+
+    #[test]
+    fn oversized_frames_are_skipped_and_the_stream_continues() {
+        let mut r = FrameReader::new(10);
+        let mut bytes = client_frame(true, 1, &[b'a'; 5000]);
+        bytes.extend(client_frame(true, 1, b"ok"));
+        assert_eq!(
+            read_all(&mut r, &bytes),
+            vec![
+                Inbound::TooLarge { len: 5000 },
+                Inbound::Text(Bytes::from_static(b"ok"))
+            ]
+        );
+    }
+
+    #[test]
+    fn oversized_fragmented_messages_are_reported_once_and_skipped() {
+        let mut r = FrameReader::new(10);
+        let mut bytes = client_frame(false, 2, &[1; 8]);
+        bytes.extend(client_frame(false, 0, &[1; 8]));
+        bytes.extend(client_frame(true, 0, &[1; 8]));
+        bytes.extend(client_frame(true, 1, b"next"));
+        assert_eq!(
+            read_all(&mut r, &bytes),
+            vec![
+                Inbound::TooLarge { len: 16 },
+                Inbound::Text(Bytes::from_static(b"next"))
+            ]
+        );
+    }
+
+    #[test]
+    fn oversized_frames_are_skipped_even_when_they_arrive_in_pieces() {
+        let mut r = FrameReader::new(10);
+        let bytes = client_frame(true, 2, &[9; 100_000]);
+        let mut buf = BytesMut::new();
+        let mut seen = Vec::new();
+        for piece in bytes.chunks(777) {
+            buf.extend_from_slice(piece);
+            while let Some(item) = r.next(&mut buf).unwrap() {
+                seen.push(item);
+            }
+        }
+        assert_eq!(seen, vec![Inbound::TooLarge { len: 100_000 }]);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn protocol_violations_are_reported_with_a_close_code() {
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            (vec![0x81, 0x02, b'h', b'i'], 1002),         // unmasked
+            (vec![0xC1, 0x80, 0, 0, 0, 0], 1002),         // RSV1 set
+            (vec![0x83, 0x80, 0, 0, 0, 0], 1002),         // opcode 3
+            (client_frame(true, 0, b"x"), 1002),          // orphan continuation
+            (client_frame(false, 9, b"x"), 1002),         // fragmented ping
+            (client_frame(true, 9, &[0; 126]), 1002),     // long ping
+            (client_frame(true, 1, &[0xFF, 0xFE]), 1007), // bad UTF-8
+            (client_frame(true, 8, &[3]), 1002),          // 1-byte close
+            (
+                [client_frame(false, 1, b"a"), client_frame(true, 1, b"b")].concat(),
+                1002,
+            ),
+        ];
+        for (bytes, code) in cases {
+            let mut r = FrameReader::new(1024);
+            let mut buf = BytesMut::from(&bytes[..]);
+            let err = loop {
+                match r.next(&mut buf) {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("no violation for {bytes:?}"),
+                    Err(e) => break e,
+                }
+            };
+            assert_eq!(err.code, code, "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn close_frames_report_their_code() {
+        let mut r = FrameReader::new(1024);
+        let mut payload = 1000u16.to_be_bytes().to_vec();
+        payload.extend_from_slice(b"bye");
+        let mut bytes = client_frame(true, 8, &payload);
+        bytes.extend(client_frame(true, 8, &[]));
+        assert_eq!(
+            read_all(&mut r, &bytes),
+            vec![Inbound::Close(Some(1000)), Inbound::Close(None)]
+        );
+    }
+
+    #[test]
+    fn huge_announced_length_does_not_allocate() {
+        let mut r = FrameReader::new(1024);
+        let mut bytes = vec![0x82, 0x80 | 127];
+        bytes.extend_from_slice(&(1u64 << 62).to_be_bytes());
+        bytes.extend_from_slice(&[0, 0, 0, 0, 1, 2, 3]);
+        assert_eq!(
+            read_all(&mut r, &bytes),
+            vec![Inbound::TooLarge { len: 1 << 62 }]
+        );
+    }
+}

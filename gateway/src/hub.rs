@@ -1,0 +1,528 @@
+//! The local registry: connections, topic subscriptions and the fan-out.
+//!
+//! [`Hub`] is a cheap cloneable handle on shared state. Connections live in sharded maps keyed
+//! by socket id; topic subscriber lists live in sharded maps keyed by topic. Locks are held only
+//! for short, non-async critical sections: a fan-out takes one shard's read lock, queues the
+//! shared frame on each subscriber's outbox (a per-connection lock) and never touches a socket.
+//!
+//! The hub reports subscription edges to the broker — a channel's first local subscriber and its
+//! last — while holding the shard lock that decided them, so the broker sees them in the same
+//! order as the registry.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::hash::RandomState;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::json;
+
+use crate::broker::{Broker, BrokerError, Message, Sink};
+use crate::error::ClientError;
+use crate::frame;
+use crate::metrics::{CloseReason, Metrics};
+use crate::outbox::{Kind, Outbox, Push, QueueLimits};
+use crate::types::{Channel, SocketId, Topic};
+
+const SHARDS: usize = 64;
+
+/// Per-connection limits the hub enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct HubLimits {
+    /// Outbound queue bounds.
+    pub queue: QueueLimits,
+    /// Most topics one connection may join (not counting its automatic ones).
+    pub max_topics_per_connection: usize,
+    /// Most connections on this instance (0: unlimited).
+    pub max_connections: usize,
+}
+
+/// One WebSocket connection as the registry sees it.
+pub struct Conn {
+    id: SocketId,
+    /// The outbound queue and writer state.
+    pub outbox: Outbox,
+    topics: Mutex<ConnTopics>,
+    /// Milliseconds since the hub started, at the last inbound frame.
+    last_seen: AtomicU64,
+}
+
+#[derive(Default)]
+struct ConnTopics {
+    joined: HashSet<Topic>,
+    /// Set by unregister: later joins are refused so nothing is left behind.
+    gone: bool,
+}
+
+impl Conn {
+    /// The connection's socket id.
+    pub fn id(&self) -> SocketId {
+        self.id
+    }
+
+    fn topics(&self) -> MutexGuard<'_, ConnTopics> {
+        self.topics.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Topics this connection joined.
+    pub fn joined(&self) -> Vec<Topic> {
+        self.topics().joined.iter().cloned().collect()
+    }
+}
+
+struct Shared {
+    conns: Vec<RwLock<HashMap<SocketId, Arc<Conn>>>>,
+    topics: Vec<RwLock<HashMap<Topic, Vec<Arc<Conn>>>>>,
+    hasher: RandomState,
+    /// Open connections; also decides the broadcast channel's edges.
+    members: Mutex<usize>,
+    reserved: AtomicUsize,
+    subscriptions: AtomicUsize,
+    topic_count: AtomicUsize,
+    draining: AtomicBool,
+    started: Instant,
+    limits: HubLimits,
+    broker: Arc<dyn Broker>,
+    metrics: Metrics,
+}
+
+/// Handle on the local registry.
+#[derive(Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+/// A reserved connection slot: counts against the connection limit until dropped.
+pub struct Slot {
+    hub: Hub,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.hub.shared.reserved.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Hub {
+    /// A hub sending cluster-wide traffic through `broker`.
+    pub fn new(limits: HubLimits, broker: Arc<dyn Broker>, metrics: Metrics) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                conns: (0..SHARDS).map(|_| RwLock::default()).collect(),
+                topics: (0..SHARDS).map(|_| RwLock::default()).collect(),
+                hasher: RandomState::new(),
+                members: Mutex::new(0),
+                reserved: AtomicUsize::new(0),
+                subscriptions: AtomicUsize::new(0),
+                topic_count: AtomicUsize::new(0),
+                draining: AtomicBool::new(false),
+                started: Instant::now(),
+                limits,
+                broker,
+                metrics,
+            }),
+        }
+    }
+
+    /// The broker behind this hub.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.shared.broker
+    }
+
+    /// The metrics this hub reports to.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &HubLimits {
+        &self.shared.limits
+    }
+
+    fn conn_shard(&self, id: SocketId) -> &RwLock<HashMap<SocketId, Arc<Conn>>> {
+        &self.shared.conns[(id.as_u128() as usize) % SHARDS]
+    }
+
+    fn topic_shard(&self, topic: &Topic) -> &RwLock<HashMap<Topic, Vec<Arc<Conn>>>> {
+        let h = self.shared.hasher.hash_one(topic.as_str());
+        &self.shared.topics[(h as usize) % SHARDS]
+    }
+
+    /// Milliseconds since the hub started (a cheap monotonic clock for idle tracking).
+    pub fn now_ms(&self) -> u64 {
+        self.shared.started.elapsed().as_millis() as u64
+    }
+
+    /// Whether the gateway is draining (shutting down).
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Acquire)
+    }
+
+    /// Reserves a connection slot, or `None` at the connection limit.
+    pub fn try_reserve(&self) -> Option<Slot> {
+        let max = self.shared.limits.max_connections;
+        let prev = self.shared.reserved.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot { hub: self.clone() };
+        if max != 0 && prev >= max {
+            return None; // dropping the slot gives the count back
+        }
+        Some(slot)
+    }
+
+    /// Registers a new connection under a fresh socket id, subscribed to the broadcast channel
+    /// and its own direct channel, and queues its `session` envelope.
+    pub fn register(&self) -> Arc<Conn> {
+        let id = SocketId::generate();
+        let conn = Arc::new(Conn {
+            id,
+            outbox: Outbox::new(),
+            topics: Mutex::default(),
+            last_seen: AtomicU64::new(self.now_ms()),
+        });
+        let m = &self.shared.metrics;
+        conn.outbox.push(
+            crate::protocol::session_frame(id),
+            Kind::Control,
+            &self.shared.limits.queue,
+            m,
+        );
+        {
+            let mut shard = write(self.conn_shard(id));
+            shard.insert(id, conn.clone());
+            self.shared.broker.channel_added(&Channel::Socket(id));
+        }
+        {
+            let mut members = self
+                .shared
+                .members
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            *members += 1;
+            if *members == 1 {
+                self.shared.broker.channel_added(&Channel::Broadcast);
+            }
+        }
+        m.connections.inc();
+        m.opened.inc();
+        conn
+    }
+
+    /// Removes a connection and all its subscriptions; counts its close reason.
+    pub fn unregister(&self, conn: &Arc<Conn>) {
+        let topics = {
+            let mut t = conn.topics();
+            t.gone = true;
+            std::mem::take(&mut t.joined)
+        };
+        for topic in &topics {
+            self.remove_subscriber(conn, topic);
+        }
+        {
+            let mut shard = write(self.conn_shard(conn.id));
+            if shard.remove(&conn.id).is_none() {
+                return;
+            }
+            self.shared
+                .broker
+                .channel_removed(&Channel::Socket(conn.id));
+        }
+        {
+            let mut members = self
+                .shared
+                .members
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            *members -= 1;
+            if *members == 0 {
+                self.shared.broker.channel_removed(&Channel::Broadcast);
+            }
+        }
+        let m = &self.shared.metrics;
+        m.connections.dec();
+        m.connection_closed(conn.outbox.close_reason().unwrap_or(CloseReason::Client));
+    }
+
+    /// Subscribes `conn` to `topic`. Returns whether it was newly joined.
+    ///
+    /// # Errors
+    /// [`ClientError::TooManyTopics`] at the per-connection limit.
+    pub fn join(&self, conn: &Arc<Conn>, topic: &Topic) -> Result<bool, ClientError> {
+        let mut t = conn.topics();
+        if t.gone || t.joined.contains(topic) {
+            return Ok(false);
+        }
+        let max = self.shared.limits.max_topics_per_connection;
+        if t.joined.len() >= max {
+            return Err(ClientError::TooManyTopics(max));
+        }
+        t.joined.insert(topic.clone());
+        {
+            let mut shard = write(self.topic_shard(topic));
+            match shard.entry(topic.clone()) {
+                Entry::Occupied(mut e) => e.get_mut().push(conn.clone()),
+                Entry::Vacant(e) => {
+                    e.insert(vec![conn.clone()]);
+                    self.shared.topic_count.fetch_add(1, Ordering::Relaxed);
+                    self.shared.metrics.topics.inc();
+                    self.shared
+                        .broker
+                        .channel_added(&Channel::Topic(topic.clone()));
+                }
+            }
+        }
+        self.shared.subscriptions.fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.subscriptions.inc();
+        Ok(true)
+    }
+
+    /// Unsubscribes `conn` from `topic`. Returns whether it had joined.
+    pub fn leave(&self, conn: &Arc<Conn>, topic: &Topic) -> bool {
+        let mut t = conn.topics();
+        if !t.joined.remove(topic) {
+            return false;
+        }
+        self.remove_subscriber(conn, topic);
+        drop(t);
+        true
+    }
+
+    /// Unsubscribes `conn` from every topic it joined.
+    pub fn leave_all(&self, conn: &Arc<Conn>) -> usize {
+        let mut t = conn.topics();
+        let topics = std::mem::take(&mut t.joined);
+        for topic in &topics {
+            self.remove_subscriber(conn, topic);
+        }
+        topics.len()
+    }
+
+    fn remove_subscriber(&self, conn: &Arc<Conn>, topic: &Topic) {
+        let mut shard = write(self.topic_shard(topic));
+        let Some(subs) = shard.get_mut(topic) else {
+            return;
+        };
+        let Some(pos) = subs.iter().position(|c| Arc::ptr_eq(c, conn)) else {
+            return;
+        };
+        subs.swap_remove(pos);
+        if subs.is_empty() {
+            shard.remove(topic);
+            self.shared.topic_count.fetch_sub(1, Ordering::Relaxed);
+            self.shared.metrics.topics.dec();
+            self.shared
+                .broker
+                .channel_removed(&Channel::Topic(topic.clone()));
+        }
+        self.shared.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        self.shared.metrics.subscriptions.dec();
+    }
+
+    /// Looks up a local connection.
+    pub fn connection(&self, id: SocketId) -> Option<Arc<Conn>> {
+        read(self.conn_shard(id)).get(&id).cloned()
+    }
+
+    /// Open connections on this instance.
+    pub fn connection_count(&self) -> usize {
+        *self
+            .shared
+            .members
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Local subscribers of `topic`.
+    pub fn subscriber_count(&self, topic: &Topic) -> usize {
+        read(self.topic_shard(topic)).get(topic).map_or(0, Vec::len)
+    }
+
+    /// Topics with at least one local subscriber.
+    pub fn topic_count(&self) -> usize {
+        self.shared.topic_count.load(Ordering::Relaxed)
+    }
+
+    /// Local (connection, topic) subscriptions.
+    pub fn subscription_count(&self) -> usize {
+        self.shared.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// `/api/stats` body.
+    pub fn stats(&self) -> serde_json::Value {
+        json!({
+            "connections": self.connection_count(),
+            "topics": self.topic_count(),
+            "subscriptions": self.subscription_count(),
+            "draining": self.is_draining(),
+            "broker": self.shared.broker.stats(),
+        })
+    }
+
+    /// Publishes through the broker (cluster-wide) and counts it.
+    ///
+    /// # Errors
+    /// The broker's error when it did not accept the message.
+    pub async fn publish(&self, channel: &Channel, message: Message) -> Result<(), BrokerError> {
+        self.shared.broker.publish(channel, message).await?;
+        self.shared.metrics.published.inc();
+        Ok(())
+    }
+
+    /// Records inbound activity on `conn` (for the idle timeout).
+    pub fn touch(&self, conn: &Conn) {
+        conn.last_seen.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn push(&self, conn: &Conn, frame: &Bytes) {
+        let limits = &self.shared.limits.queue;
+        let _: Push = conn
+            .outbox
+            .push(frame.clone(), Kind::Data, limits, &self.shared.metrics);
+    }
+
+    /// Sends a protocol frame (ack, error, pong) to one connection.
+    pub fn send_control(&self, conn: &Conn, frame: Bytes) {
+        let limits = &self.shared.limits.queue;
+        conn.outbox
+            .push(frame, Kind::Control, limits, &self.shared.metrics);
+    }
+
+    fn all_connections(&self) -> Vec<Arc<Conn>> {
+        let mut out = Vec::with_capacity(self.connection_count());
+        for shard in &self.shared.conns {
+            out.extend(read(shard).values().cloned());
+        }
+        out
+    }
+
+    /// Closes connections that sent nothing for `timeout`. Returns how many.
+    pub fn close_idle(&self, timeout: Duration) -> usize {
+        let now = self.now_ms();
+        let limit = timeout.as_millis() as u64;
+        let mut closed = 0;
+        for shard in &self.shared.conns {
+            for conn in read(shard).values() {
+                let seen = conn.last_seen.load(Ordering::Relaxed);
+                if now.saturating_sub(seen) >= limit
+                    && conn.outbox.close(
+                        frame::close_code::GOING_AWAY,
+                        "idle timeout",
+                        CloseReason::IdleTimeout,
+                        false,
+                    )
+                {
+                    closed += 1;
+                }
+            }
+        }
+        closed
+    }
+
+    /// Marks the gateway as draining: readiness fails and new upgrades are refused.
+    pub fn start_draining(&self) {
+        self.shared.draining.store(true, Ordering::Release);
+    }
+
+    /// Closes every connection with 1001, spread evenly over `spread` so that clients do not
+    /// all reconnect at once. Returns when every close has been queued.
+    pub async fn close_all_spread(&self, spread: Duration) {
+        let conns = self.all_connections();
+        if conns.is_empty() {
+            return;
+        }
+        // At most ~100 batches, each closing an equal share.
+        let batches = conns.len().clamp(1, 100);
+        let per_batch = conns.len().div_ceil(batches);
+        let pause = spread / batches as u32;
+        for (i, chunk) in conns.chunks(per_batch).enumerate() {
+            if i > 0 && !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            for conn in chunk {
+                conn.outbox.close(
+                    frame::close_code::GOING_AWAY,
+                    "server shutting down",
+                    CloseReason::Shutdown,
+                    false,
+                );
+            }
+        }
+    }
+
+    /// Closes one connection (a backend asked for it).
+    pub fn disconnect(&self, id: SocketId) -> bool {
+        match self.connection(id) {
+            Some(conn) => conn.outbox.close(
+                frame::close_code::NORMAL,
+                "disconnected by server",
+                CloseReason::Disconnected,
+                false,
+            ),
+            None => false,
+        }
+    }
+}
+
+impl Sink for Hub {
+    fn deliver(&self, channel: &Channel, message: Message) {
+        let frame = match message {
+            Message::Disconnect => {
+                if let Channel::Socket(id) = channel {
+                    self.disconnect(*id);
+                }
+                return;
+            }
+            Message::Text(b) => Lazy::Text(b),
+            Message::Binary(b) => Lazy::Binary(b),
+        };
+        match channel {
+            Channel::Topic(topic) => {
+                let shard = read(self.topic_shard(topic));
+                if let Some(subs) = shard.get(topic) {
+                    let frame = frame.encode();
+                    for conn in subs {
+                        self.push(conn, &frame);
+                    }
+                }
+            }
+            Channel::Socket(id) => {
+                if let Some(conn) = self.connection(*id) {
+                    self.push(&conn, &frame.encode());
+                }
+            }
+            Channel::Broadcast => {
+                let frame = frame.encode();
+                for shard in &self.shared.conns {
+                    for conn in read(shard).values() {
+                        self.push(conn, &frame);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A payload encoded into a frame only once a recipient is known.
+enum Lazy {
+    Text(Bytes),
+    Binary(Bytes),
+}
+
+impl Lazy {
+    fn encode(&self) -> Bytes {
+        match self {
+            Lazy::Text(b) => frame::text(b),
+            Lazy::Binary(b) => frame::binary(b),
+        }
+    }
+}
