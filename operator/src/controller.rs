@@ -1,0 +1,418 @@
+//! Reconcile: one WsCluster in, its children applied and its status written.
+//!
+//! Children are server-side applied with one field manager ([`names::FIELD_MANAGER`]). Before
+//! applying, the controller compares a hash of the desired object (stored in an annotation on the
+//! child) and checks the live object still contains every desired field: when both hold, nothing
+//! is written, so a reconcile with nothing changed makes zero writes.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::crd::WsCluster;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::names::{self, FIELD_MANAGER};
+use crate::resources::{self, Defaults, Identity};
+use crate::status::{self, Observed};
+use crate::validate::{InvalidSpec, validate_spec};
+
+/// Annotation holding the hash of the object the operator last applied to a child.
+pub const SPEC_HASH_ANNOTATION: &str = "wsgate.io/spec-hash";
+/// Field manager that keeps `Deployment.spec.replicas` owned while handing it to an HPA, so
+/// the API server does not reset it when the operator stops applying it.
+pub const REPLICAS_HANDOFF_MANAGER: &str = "wsgate-operator-replicas-handoff";
+/// How often a healthy WsCluster is reconciled even when nothing changes (drift repair).
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// First retry delay after a transient error; doubles per consecutive failure.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(2);
+/// Longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Shared state of the controller.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Operator-wide defaults (gateway image).
+    pub defaults: Defaults,
+    /// The operator's metrics.
+    pub metrics: Metrics,
+    /// Publishes Kubernetes Events.
+    pub recorder: Recorder,
+    /// Consecutive transient failures per WsCluster (namespace/name), for backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context for `client`.
+    #[must_use]
+    pub fn new(client: Client, defaults: Defaults, metrics: Metrics, reporter: Reporter) -> Self {
+        let recorder = Recorder::new(client.clone(), reporter);
+        Self {
+            client,
+            defaults,
+            metrics,
+            recorder,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn record_failure(&self, key: &str) -> u32 {
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = failures.entry(key.to_owned()).or_insert(0);
+        *count = count.saturating_add(1);
+        *count
+    }
+
+    fn clear_failures(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
+}
+
+/// Delay before retrying after `failures` consecutive transient errors: 2 s, 4 s, 8 s … 300 s.
+#[must_use]
+pub fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    BACKOFF_BASE.saturating_mul(1_u32 << exp).min(BACKOFF_MAX)
+}
+
+fn key_of(wsc: &WsCluster) -> String {
+    format!("{}/{}", wsc.namespace().unwrap_or_default(), wsc.name_any())
+}
+
+/// Reconciles one WsCluster. Invalid specs are not errors: they end as `Ready=False` plus an
+/// Event, and the controller waits for the next change.
+///
+/// # Errors
+/// API failures (retried with backoff by [`error_policy`]) and malformed objects.
+pub async fn reconcile(wsc: Arc<WsCluster>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let outcome = reconcile_inner(&wsc, &ctx).await;
+    let result = match &outcome {
+        Ok(Outcome::Applied) => "success",
+        Ok(Outcome::InvalidSpec) => "invalid_spec",
+        Err(e) => e.metric_reason(),
+    };
+    ctx.metrics.observe(result, started.elapsed().as_secs_f64());
+    match outcome {
+        Ok(Outcome::Applied) => {
+            ctx.clear_failures(&key_of(&wsc));
+            Ok(Action::requeue(RESYNC))
+        }
+        Ok(Outcome::InvalidSpec) => {
+            ctx.clear_failures(&key_of(&wsc));
+            Ok(Action::await_change())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What the controller does after a failed reconcile: transient errors retry with exponential
+/// backoff per object; permanent ones wait for the object to change.
+pub fn error_policy(wsc: Arc<WsCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.is_transient() {
+        let failures = ctx.record_failure(&key_of(&wsc));
+        let delay = backoff(failures);
+        warn!(wscluster = %key_of(&wsc), error = %error, failures, retry_in_secs = delay.as_secs(), "reconcile failed, retrying");
+        Action::requeue(delay)
+    } else {
+        warn!(wscluster = %key_of(&wsc), error = %error, "reconcile failed, waiting for a change");
+        Action::await_change()
+    }
+}
+
+enum Outcome {
+    Applied,
+    InvalidSpec,
+}
+
+async fn reconcile_inner(wsc: &WsCluster, ctx: &Context) -> Result<Outcome> {
+    let id = Identity::of(wsc)?;
+    let client = &ctx.client;
+    let ns = id.namespace.as_str();
+    let wscs: Api<WsCluster> = Api::namespaced(client.clone(), ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+
+    if let Err(invalid) = validate_spec(&wsc.spec) {
+        // Nothing is applied: the children keep running the last valid spec.
+        let current = deployments.get_opt(&id.name).await?;
+        let observed = Observed {
+            deployment: current.as_ref(),
+            invalid: Some(&invalid),
+            ..Observed::default()
+        };
+        let changed = write_status(&wscs, wsc, &observed).await?;
+        if changed {
+            publish_invalid(ctx, wsc, &invalid).await;
+        }
+        return Ok(Outcome::InvalidSpec);
+    }
+
+    let key_prefix = resources::effective_key_prefix(wsc, &id);
+
+    // The API key Secret is created once and never re-applied: rotating it behind the users'
+    // backs would lock them out.
+    if let Some(secret) = resources::secret::api_key_secret(wsc, &id) {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+        let name = names::api_key_secret_name(&id.name);
+        if secrets.get_opt(&name).await?.is_none() {
+            secrets
+                .create(
+                    &PostParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &secret,
+                )
+                .await?;
+            info!(wscluster = %key_of(wsc), secret = %name, "created api key secret");
+        }
+    }
+
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    apply(&services, resources::service::service(wsc, &id)).await?;
+
+    let desired_deployment = resources::deployment::deployment(wsc, &id, &ctx.defaults);
+    if wsc.spec.autoscaling.is_some() {
+        hand_replicas_to_hpa(&deployments, &id.name).await?;
+    }
+    let deployment = apply(&deployments, desired_deployment).await?;
+
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
+    match resources::pdb::pdb(wsc, &id) {
+        Some(pdb) => drop(apply(&pdbs, pdb).await?),
+        None => delete_owned(&pdbs, &id).await?,
+    }
+
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), ns);
+    match resources::hpa::hpa(wsc, &id) {
+        Some(hpa) => drop(apply(&hpas, hpa).await?),
+        None => delete_owned(&hpas, &id).await?,
+    }
+
+    let service_monitor_crd_missing = reconcile_service_monitor(ctx, wsc, &id).await?;
+
+    let observed = Observed {
+        deployment: Some(&deployment),
+        invalid: None,
+        service_monitor_crd_missing,
+        key_prefix: Some(key_prefix),
+        selector: Some(names::selector_string(&id.name)),
+    };
+    write_status(&wscs, wsc, &observed).await?;
+    Ok(Outcome::Applied)
+}
+
+/// Applies or removes the ServiceMonitor. Returns whether one was wanted but its CRD is missing.
+async fn reconcile_service_monitor(ctx: &Context, wsc: &WsCluster, id: &Identity) -> Result<bool> {
+    let ar = resources::servicemonitor::api_resource();
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &id.namespace, &ar);
+    match resources::servicemonitor::service_monitor(wsc, id) {
+        Some(sm) => match apply(&api, sm).await {
+            Ok(_) => Ok(false),
+            Err(Error::Kube(kube::Error::Api(status))) if status.code == 404 => Ok(true),
+            Err(e) => Err(e),
+        },
+        None => match delete_owned(&api, id).await {
+            Err(Error::Kube(kube::Error::Api(status))) if status.code == 404 => Ok(false),
+            other => other.map(|()| false),
+        },
+    }
+}
+
+/// Server-side applies `desired` unless the live object already matches it.
+async fn apply<K>(api: &Api<K>, mut desired: K) -> Result<K>
+where
+    K: Resource + Serialize + DeserializeOwned + Clone + Debug,
+{
+    let name = desired
+        .meta()
+        .name
+        .clone()
+        .ok_or(Error::MissingObjectKey("child name"))?;
+    let hash = spec_hash(&desired)?;
+    desired
+        .meta_mut()
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(SPEC_HASH_ANNOTATION.into(), hash.clone());
+
+    if let Some(live) = api.get_opt(&name).await? {
+        let unchanged = live
+            .meta()
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SPEC_HASH_ANNOTATION))
+            == Some(&hash)
+            && is_subset(
+                &serde_json::to_value(&desired).map_err(Error::Serialize)?,
+                &serde_json::to_value(&live).map_err(Error::Serialize)?,
+            );
+        if unchanged {
+            return Ok(live);
+        }
+    }
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    Ok(api.patch(&name, &params, &Patch::Apply(&desired)).await?)
+}
+
+/// Before the first apply without `spec.replicas`, lets a second field manager co-own the field
+/// at its current value. Server-side apply would otherwise remove the field the operator alone
+/// owned, and the API server would default it to 1 — cutting connections until the HPA reacts.
+async fn hand_replicas_to_hpa(deployments: &Api<Deployment>, name: &str) -> Result<()> {
+    let Some(live) = deployments.get_opt(name).await? else {
+        return Ok(());
+    };
+    let Some(replicas) = live.spec.as_ref().and_then(|s| s.replicas) else {
+        return Ok(());
+    };
+    let managers = live.metadata.managed_fields.as_deref().unwrap_or_default();
+    let operator_owns_replicas = managers.iter().any(|m| {
+        m.manager.as_deref() == Some(FIELD_MANAGER)
+            && m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0["f:spec"].get("f:replicas").is_some())
+    });
+    let handed_off = managers
+        .iter()
+        .any(|m| m.manager.as_deref() == Some(REPLICAS_HANDOFF_MANAGER));
+    if operator_owns_replicas && !handed_off {
+        let patch = json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": { "name": name },
+            "spec": { "replicas": replicas },
+        });
+        deployments
+            .patch(
+                name,
+                &PatchParams::apply(REPLICAS_HANDOFF_MANAGER),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Deletes the child named like the cluster if it exists and this WsCluster owns it.
+async fn delete_owned<K>(api: &Api<K>, id: &Identity) -> Result<()>
+where
+    K: Resource + DeserializeOwned + Clone + Debug,
+{
+    let Some(live) = api.get_opt(&id.name).await? else {
+        return Ok(());
+    };
+    let owned = live
+        .owner_references()
+        .iter()
+        .any(|o| o.uid == id.owner.uid);
+    if owned {
+        api.delete(&id.name, &DeleteParams::background()).await?;
+        info!(child = %id.name, namespace = %id.namespace, "deleted child that is no longer wanted");
+    }
+    Ok(())
+}
+
+/// Writes the status when it differs from the current one. Returns whether it wrote.
+async fn write_status(
+    api: &Api<WsCluster>,
+    wsc: &WsCluster,
+    observed: &Observed<'_>,
+) -> Result<bool> {
+    let now = Time(Timestamp::now());
+    let desired = status::desired_status(wsc, observed, &now);
+    if wsc.status.as_ref() == Some(&desired) {
+        return Ok(false);
+    }
+    let patch = json!({ "status": desired });
+    api.patch_status(
+        &wsc.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(true)
+}
+
+async fn publish_invalid(ctx: &Context, wsc: &WsCluster, invalid: &InvalidSpec) {
+    let event = Event {
+        type_: EventType::Warning,
+        reason: invalid.reason.into(),
+        note: Some(invalid.message.clone()),
+        action: "Validate".into(),
+        secondary: None,
+    };
+    // Events are best effort: failing to record one must not fail the reconcile.
+    if let Err(e) = ctx.recorder.publish(&event, &wsc.object_ref(&())).await {
+        warn!(wscluster = %key_of(wsc), error = %e, "cannot publish event");
+    }
+}
+
+/// Hash of the object the operator means to apply (FNV-1a of its JSON, which is deterministic:
+/// struct fields in declaration order, maps sorted).
+fn spec_hash<K: Serialize>(desired: &K) -> Result<String> {
+    let bytes = serde_json::to_vec(desired).map_err(Error::Serialize)?;
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    Ok(format!("{hash:016x}"))
+}
+
+/// Whether every field of `desired` is present with the same value in `live`. Lists must have the
+/// same length; fields only the API server adds (defaults, status, metadata) are ignored.
+#[must_use]
+pub fn is_subset(desired: &Value, live: &Value) -> bool {
+    match (desired, live) {
+        (Value::Object(d), Value::Object(l)) => d
+            .iter()
+            .all(|(k, dv)| l.get(k).is_some_and(|lv| is_subset(dv, lv))),
+        (Value::Array(d), Value::Array(l)) => {
+            d.len() == l.len() && d.iter().zip(l).all(|(dv, lv)| is_subset(dv, lv))
+        }
+        (d, l) => d == l,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subset_ignores_fields_the_server_adds_but_not_changed_values() {
+        let desired = json!({"spec": {"replicas": 2, "ports": [{"port": 80}]}});
+        let live = json!({"spec": {"replicas": 2, "ports": [{"port": 80, "protocol": "TCP"}]}, "status": {}});
+        assert!(is_subset(&desired, &live));
+        assert!(!is_subset(&json!({"spec": {"replicas": 3}}), &live));
+        assert!(!is_subset(&json!({"spec": {"ports": []}}), &live));
+    }
+
+    #[test]
+    fn backoff_doubles_from_two_seconds_up_to_five_minutes() {
+        assert_eq!(backoff(1), Duration::from_secs(2));
+        assert_eq!(backoff(2), Duration::from_secs(4));
+        assert_eq!(backoff(5), Duration::from_secs(32));
+        assert_eq!(backoff(40), BACKOFF_MAX);
+    }
+}

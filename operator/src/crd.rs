@@ -1,0 +1,413 @@
+//! The `WsCluster` custom resource (`wsgate.io/v1alpha1`).
+//!
+//! Doc comments on spec fields are user documentation: they become the CRD's `description`s, which
+//! `kubectl explain wsc.spec` prints. Validation lives in three layers, strongest first:
+//! the OpenAPI schema (types, ranges, patterns), CEL `x-kubernetes-validations` for rules that span
+//! fields, and [`crate::validate::validate_spec`] for the same rules at reconcile time (clusters
+//! older than CEL, objects written before the CRD was upgraded).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, LocalObjectReference, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// API group of the WsCluster resource.
+pub const GROUP: &str = "wsgate.io";
+/// Served and stored version.
+pub const VERSION: &str = "v1alpha1";
+
+/// Default gateway replica count when `spec.replicas` is omitted.
+pub const DEFAULT_REPLICAS: i32 = 1;
+/// Default Redis connect timeout, as in the gateway.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u32 = 2000;
+/// Default drain window, as in the gateway.
+pub const DEFAULT_DRAIN_TIMEOUT_SECONDS: u32 = 30;
+/// Default HPA scale-down stabilisation window: long enough that scale-down never cuts
+/// connections in waves.
+pub const DEFAULT_SCALE_DOWN_STABILIZATION_SECONDS: i32 = 600;
+
+/// Desired state of a WsCluster. The operator turns it into a Deployment, a Service, a
+/// PodDisruptionBudget, an optional HorizontalPodAutoscaler and an optional ServiceMonitor, all
+/// owned by the WsCluster and deleted with it.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "wsgate.io",
+    version = "v1alpha1",
+    kind = "WsCluster",
+    plural = "wsclusters",
+    singular = "wscluster",
+    shortname = "wsc",
+    category = "wsgate",
+    namespaced,
+    status = "WsClusterStatus",
+    derive = "Default",
+    derive = "PartialEq",
+    doc = "A fleet of wsgate WebSocket fan-out gateways managed by wsgate-operator.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".spec.replicas",
+        description = "Desired gateway pods (ignored while autoscaling is set)"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "Gateway pods ready to take connections"
+    ),
+    printcolumn(
+        name = "Prefix",
+        type_ = "string",
+        json_path = ".status.keyPrefix",
+        description = "Redis channel key prefix in effect"
+    ),
+    printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Reason of the Ready condition"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 50").message("metadata.name must be at most 50 characters so that pod and label names derived from it stay valid")
+)]
+#[x_kube(
+    validation = Rule::new("has(self.redis) || (self.replicas <= 1 && !has(self.autoscaling))").message("without spec.redis the gateway uses its in-process broker, which cannot fan out across pods: set spec.redis, or keep spec.replicas at most 1 and autoscaling unset")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WsClusterSpec {
+    /// Number of gateway pods. `kubectl scale wsc NAME --replicas=N` sets it. Ignored while
+    /// `autoscaling` is set: the HorizontalPodAutoscaler owns the pod count then.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// Gateway container image. Defaults to the image the operator was configured with
+    /// (`--gateway-image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+
+    /// Image pull policy of the gateway container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<ImagePullPolicy>,
+
+    /// Secrets holding registry credentials for pulling `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secrets: Option<Vec<LocalObjectReference>>,
+
+    /// Redis that stitches the gateway pods together (pub/sub). Without it each pod runs an
+    /// in-process broker, so the cluster is limited to one pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSpec>,
+
+    /// Prefix of every Redis channel this cluster uses (`{keyPrefix}:{topic}`). Clusters sharing
+    /// one Redis must use different prefixes. Default: `{namespace}.{name}`, shortened with a
+    /// hash when longer than 64 characters, so clusters never collide by accident.
+    /// Characters `a-z A-Z 0-9 _ : . -`, 1 to 64 of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^[a-zA-Z0-9_:.\-]{1,64}$"),
+        length(min = 1, max = 64)
+    )]
+    pub key_prefix: Option<String>,
+
+    /// How long a gateway waits for Redis to accept a connection, in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    #[schemars(range(min = 100, max = 60000))]
+    pub connect_timeout_ms: u32,
+
+    /// Secret key holding the bearer token backends must send to the gateway's `/api/*`.
+    /// Default: the operator creates a Secret `{name}-api-key` with a random key, once, and never
+    /// rotates it by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+
+    /// Seconds a terminating gateway keeps existing connections before closing them with
+    /// 1001 (going away). The pod's `terminationGracePeriodSeconds` is derived from it.
+    #[serde(default = "default_drain_timeout_seconds")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub drain_timeout_seconds: u32,
+
+    /// Let a HorizontalPodAutoscaler (autoscaling/v2) size the cluster. Remove it to go back to
+    /// `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+
+    /// PodDisruptionBudget for the gateway pods (on by default).
+    #[serde(default)]
+    pub pod_disruption_budget: PodDisruptionBudgetSpec,
+
+    /// Prometheus integration. Pods always carry `prometheus.io/*` scrape annotations.
+    #[serde(default)]
+    pub metrics: MetricsSpec,
+
+    /// Compute resources of the gateway container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Node labels the gateway pods must run on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Tolerations of the gateway pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+
+    /// Affinity rules of the gateway pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+
+    /// Topology spread constraints. Default: spread across nodes and zones (`ScheduleAnyway`),
+    /// so one node or zone failure drops only a share of the connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+
+    /// PriorityClass of the gateway pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+
+    /// Extra annotations on the gateway pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_annotations: Option<BTreeMap<String, String>>,
+
+    /// Type of the Service in front of the gateways.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_type: Option<ServiceType>,
+}
+
+/// When the kubelet pulls the gateway image.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum ImagePullPolicy {
+    /// Pull on every pod start.
+    Always,
+    /// Pull only when the image is not on the node.
+    IfNotPresent,
+    /// Never pull.
+    Never,
+}
+
+impl ImagePullPolicy {
+    /// The Kubernetes spelling.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
+}
+
+/// How the gateway Service is exposed.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum ServiceType {
+    /// Cluster-internal virtual IP (default).
+    ClusterIP,
+    /// A port on every node.
+    NodePort,
+    /// A cloud load balancer.
+    LoadBalancer,
+}
+
+impl ServiceType {
+    /// The Kubernetes spelling.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIP => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Where the gateways find Redis: exactly one of `url` and `urlSecretRef`.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("has(self.url) != has(self.urlSecretRef)").message("set exactly one of redis.url and redis.urlSecretRef")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSpec {
+    /// Redis URL, `redis://host:6379` or `rediss://` for TLS. Put URLs that carry a password in a
+    /// Secret and use `urlSecretRef` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^rediss?://.+"), length(max = 2048))]
+    pub url: Option<String>,
+
+    /// Secret key whose value is the Redis URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_secret_ref: Option<SecretKeyRef>,
+}
+
+/// A key in a Secret in the WsCluster's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// HorizontalPodAutoscaler settings. At least one target must be set.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not exceed autoscaling.maxReplicas"),
+    validation = Rule::new("has(self.targetCPUUtilizationPercentage) || has(self.targetConnectionsPerPod)").message("autoscaling needs targetCPUUtilizationPercentage, targetConnectionsPerPod or both")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// Fewest gateway pods.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+
+    /// Most gateway pods.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+
+    /// Average CPU utilisation (percent of requests) to aim for. Needs `resources.requests.cpu`.
+    #[serde(
+        default,
+        rename = "targetCPUUtilizationPercentage",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 1, max = 1000))]
+    pub target_cpu_utilization_percentage: Option<i32>,
+
+    /// Average open WebSocket connections per pod to aim for (the pods metric
+    /// `wsgate_connections`; needs a custom-metrics adapter such as prometheus-adapter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000000))]
+    pub target_connections_per_pod: Option<i64>,
+
+    /// Seconds the HPA waits before acting on a lower recommendation. Long windows avoid
+    /// cutting connections in waves. Default 600.
+    #[serde(default = "default_scale_down_stabilization_seconds")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: i32,
+}
+
+/// PodDisruptionBudget settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodDisruptionBudgetSpec {
+    /// Create a PodDisruptionBudget. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+
+    /// Pods that voluntary disruptions (node drains) may take down at once: a number or a
+    /// percentage. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<IntOrString>,
+}
+
+impl Default for PodDisruptionBudgetSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_unavailable: None,
+        }
+    }
+}
+
+/// Prometheus integration.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsSpec {
+    /// Create a prometheus-operator ServiceMonitor. Needs the monitoring.coreos.com CRDs; without
+    /// them the operator reports a `Degraded` condition and carries on.
+    #[serde(default)]
+    pub service_monitor: bool,
+
+    /// Scrape interval of the ServiceMonitor, e.g. `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
+    pub interval: Option<String>,
+}
+
+/// Observed state, written by the operator.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WsClusterStatus {
+    /// Gateway pods that exist (the scale subresource's status replicas).
+    #[serde(default)]
+    pub replicas: i32,
+
+    /// Gateway pods that are ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+
+    /// Label selector of the gateway pods, for the scale subresource and HPAs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// The Redis key prefix in effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_prefix: Option<String>,
+
+    /// `Ready`, `Progressing` and `Degraded`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+fn default_replicas() -> i32 {
+    DEFAULT_REPLICAS
+}
+fn default_connect_timeout_ms() -> u32 {
+    DEFAULT_CONNECT_TIMEOUT_MS
+}
+fn default_drain_timeout_seconds() -> u32 {
+    DEFAULT_DRAIN_TIMEOUT_SECONDS
+}
+fn default_min_replicas() -> i32 {
+    1
+}
+fn default_scale_down_stabilization_seconds() -> i32 {
+    DEFAULT_SCALE_DOWN_STABILIZATION_SECONDS
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for WsClusterSpec {
+    fn default() -> Self {
+        Self {
+            replicas: DEFAULT_REPLICAS,
+            image: None,
+            image_pull_policy: None,
+            image_pull_secrets: None,
+            redis: None,
+            key_prefix: None,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            api_key_secret_ref: None,
+            drain_timeout_seconds: DEFAULT_DRAIN_TIMEOUT_SECONDS,
+            autoscaling: None,
+            pod_disruption_budget: PodDisruptionBudgetSpec::default(),
+            metrics: MetricsSpec::default(),
+            resources: None,
+            node_selector: None,
+            tolerations: None,
+            affinity: None,
+            topology_spread_constraints: None,
+            priority_class_name: None,
+            pod_annotations: None,
+            service_type: None,
+        }
+    }
+}
