@@ -308,7 +308,8 @@ async fn hand_replicas_to_hpa(deployments: &Api<Deployment>, name: &str) -> Resu
         deployments
             .patch(
                 name,
-                &PatchParams::apply(REPLICAS_HANDOFF_MANAGER),
+                // Forced: the field moves to the hand-off manager at its current value.
+                &PatchParams::apply(REPLICAS_HANDOFF_MANAGER).force(),
                 &Patch::Apply(&patch),
             )
             .await?;
