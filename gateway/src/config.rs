@@ -34,6 +34,9 @@ pub const DEFAULT_QUEUE_MESSAGES: usize = 1024;
 /// Default outbound queue bytes.
 pub const DEFAULT_QUEUE_BYTES: usize = 8 * 1024 * 1024;
 
+/// Default time a closing connection gets to flush its close frame.
+pub const DEFAULT_CLOSE_TIMEOUT_MS: u64 = 5000;
+
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -131,6 +134,11 @@ pub struct Config {
     #[arg(long, env = "WSGATE_OUTBOUND_QUEUE_BYTES", default_value_t = DEFAULT_QUEUE_BYTES, value_name = "BYTES")]
     pub outbound_queue_bytes: usize,
 
+    /// How long a closing connection may take to flush its close frame before the socket is
+    /// cut, in milliseconds.
+    #[arg(long, env = "WSGATE_CLOSE_TIMEOUT_MS", default_value_t = DEFAULT_CLOSE_TIMEOUT_MS, value_name = "MS")]
+    pub close_timeout_ms: u64,
+
     /// Log format.
     #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -188,21 +196,27 @@ impl Config {
                 "must be 1..=600000",
             ));
         }
-        if let Some(url) = &self.redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(invalid(
-                    "--redis-url (WSGATE_REDIS_URL)",
-                    "must start with redis:// or rediss://",
-                ));
-            }
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(invalid(
+                "--redis-url (WSGATE_REDIS_URL)",
+                "must start with redis:// or rediss://",
+            ));
         }
-        if let Some(key) = &self.api_key {
-            if key.len() < 16 || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(invalid(
-                    "--api-key (WSGATE_API_KEY)",
-                    "must be at least 16 characters without spaces or control characters",
-                ));
-            }
+        if let Some(key) = &self.api_key
+            && (key.len() < 16 || key.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(invalid(
+                "--api-key (WSGATE_API_KEY)",
+                "must be at least 16 characters without spaces or control characters",
+            ));
+        }
+        if !(1..=600_000).contains(&self.close_timeout_ms) {
+            return Err(invalid(
+                "--close-timeout-ms (WSGATE_CLOSE_TIMEOUT_MS)",
+                "must be 1..=600000",
+            ));
         }
         if self.drain_timeout_secs > 3600 {
             return Err(invalid(
@@ -240,13 +254,13 @@ impl Config {
                 "must be larger than --max-message-bytes, or no message could ever be queued",
             ));
         }
-        if let Some(m) = self.metrics_listen {
-            if m == self.listen {
-                return Err(invalid(
-                    "--metrics-listen (WSGATE_METRICS_LISTEN)",
-                    "must differ from --listen",
-                ));
-            }
+        if let Some(m) = self.metrics_listen
+            && m == self.listen
+        {
+            return Err(invalid(
+                "--metrics-listen (WSGATE_METRICS_LISTEN)",
+                "must differ from --listen",
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
             return Err(invalid(

@@ -284,21 +284,21 @@ impl Session<'_> {
         use std::ops::ControlFlow::{Break, Continue};
         match item {
             Inbound::Text(_) | Inbound::Binary(_) | Inbound::TooLarge { .. } => {
-                if let Some(rate) = &mut self.rate {
-                    if !rate.allow() {
-                        let limit = rate.rate as u32;
-                        if rate.strikes > limit.max(10) {
-                            self.conn.outbox.close(
-                                close_code::POLICY_VIOLATION,
-                                "inbound message rate exceeded",
-                                CloseReason::RateLimited,
-                                true,
-                            );
-                            return Break(());
-                        }
-                        self.error(&ClientError::RateLimited(limit), None);
-                        return Continue(());
+                if let Some(rate) = &mut self.rate
+                    && !rate.allow()
+                {
+                    let limit = rate.rate as u32;
+                    if rate.strikes > limit.max(10) {
+                        self.conn.outbox.close(
+                            close_code::POLICY_VIOLATION,
+                            "inbound message rate exceeded",
+                            CloseReason::RateLimited,
+                            false,
+                        );
+                        return Break(());
                     }
+                    self.error(&ClientError::RateLimited(limit), None);
+                    return Continue(());
                 }
             }
             _ => {}

@@ -141,7 +141,7 @@ impl Gateway {
         conn::ConnSettings {
             max_frame_bytes: self.config.max_frame_bytes,
             max_inbound_rate: self.config.max_inbound_rate,
-            close_timeout: Duration::from_secs(5),
+            close_timeout: Duration::from_millis(self.config.close_timeout_ms),
         }
     }
 
