@@ -175,14 +175,20 @@ async fn keep_leadership(
         if *stop.borrow() {
             return;
         }
-        match elector.try_acquire_or_renew(Timestamp::now()).await {
-            Ok(true) => last_renewed = tokio::time::Instant::now(),
-            Ok(false) => {
+        // A hung request must not outlive the lease: bound each attempt by the renew interval.
+        let attempt = tokio::time::timeout(
+            elector.renew_interval(),
+            elector.try_acquire_or_renew(Timestamp::now()),
+        );
+        match attempt.await {
+            Ok(Ok(true)) => last_renewed = tokio::time::Instant::now(),
+            Ok(Ok(false)) => {
                 error!("lost the leader lease to another replica; stopping");
                 let _ = stop.send(true);
                 return;
             }
-            Err(e) => warn!(error = %e, "lease renewal failed"),
+            Ok(Err(e)) => warn!(error = %e, "lease renewal failed"),
+            Err(_) => warn!("lease renewal timed out"),
         }
         if last_renewed.elapsed() > deadline {
             error!("could not renew the leader lease in time; stopping");
