@@ -111,11 +111,27 @@ impl Gateway {
         let metrics = Metrics::new();
         let broker: Arc<dyn Broker> = match &config.redis_url {
             None => Arc::new(MemoryBroker::new(metrics.broker.clone())),
-            Some(_) => {
-                return Err(Error::Config {
+            Some(url) => {
+                let settings = broker::redis::RedisSettings {
+                    url: url.clone(),
+                    key_prefix: key_prefix.clone(),
+                    timeout: config.connect_timeout(),
+                    // Base64 and JSON escaping can double a message; allow for it.
+                    max_payload: config
+                        .max_message_bytes
+                        .saturating_mul(2)
+                        .saturating_add(4096),
+                };
+                let redis = broker::redis::RedisBroker::new(
+                    settings,
+                    metrics.broker.clone(),
+                    Some(metrics.clone()),
+                )
+                .map_err(|e| Error::Config {
                     setting: "--redis-url (WSGATE_REDIS_URL)",
-                    message: "the Redis broker is not available in this build yet".into(),
-                });
+                    message: e.to_string(),
+                })?;
+                Arc::new(redis)
             }
         };
         let limits = HubLimits {

@@ -8,6 +8,8 @@ use wsgate::config::{self, Config, LogFormat};
 use wsgate::{Gateway, serve_gateway};
 
 fn main() -> ExitCode {
+    // One process-wide TLS provider (ring) for rediss:// connections.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = match Config::parse_args(std::env::args_os()) {
         Ok(c) => c,
         Err(e)

@@ -1,7 +1,7 @@
 //! The `wsgate` binary as a child process: slow consumers, memory bound, SIGTERM drain.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use wsgate_tests as common;
 
 use std::time::Duration;
 
@@ -12,17 +12,20 @@ const MESSAGES: usize = 600;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_disconnected_while_others_receive_everything() {
-    let gw = ProcessGateway::spawn(&[
-        "--outbound-queue-messages",
-        "128",
-        "--outbound-queue-bytes",
-        "33554432",
-        "--idle-timeout-secs",
-        "0",
-        // The slow client is read only after every publish: give its close frame time.
-        "--close-timeout-ms",
-        "120000",
-    ])
+    let gw = ProcessGateway::spawn_bin(
+        env!("CARGO_BIN_EXE_wsgate"),
+        &[
+            "--outbound-queue-messages",
+            "128",
+            "--outbound-queue-bytes",
+            "33554432",
+            "--idle-timeout-secs",
+            "0",
+            // The slow client is read only after every publish: give its close frame time.
+            "--close-timeout-ms",
+            "120000",
+        ],
+    )
     .await;
     let http = gw.http();
     let mut slow = gw.client().await;
@@ -113,7 +116,9 @@ async fn a_client_that_stops_reading_is_disconnected_while_others_receive_everyt
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flips_readiness_closes_clients_with_1001_and_exits_within_the_grace_period() {
-    let mut gw = ProcessGateway::spawn(&["--drain-timeout-secs", "3"]).await;
+    let mut gw =
+        ProcessGateway::spawn_bin(env!("CARGO_BIN_EXE_wsgate"), &["--drain-timeout-secs", "3"])
+            .await;
     let http = gw.http();
     let mut a = gw.client().await;
     let mut b = gw.client().await;

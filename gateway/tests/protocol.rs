@@ -1,7 +1,7 @@
 //! The client protocol and server API against a real gateway on port 0, over real sockets.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use wsgate_tests as common;
 
 use common::{Received, TestGateway, metric};
 use futures_util::SinkExt;

@@ -1,1 +1,393 @@
-//! Test harness shared by the cross-crate integration tests.
+//! Test harness shared by the integration tests: gateways on port 0 (in-process or as child
+//! processes), real WebSocket clients, an HTTP client, and a real `redis-server` on a free port
+//! that can be killed, restarted and frozen. Everything spawned is killed on drop.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+
+mod redis_server;
+pub use redis_server::RedisServer;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Generous deadline for events that should happen promptly.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A gateway running inside the test process.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub gateway: wsgate::Gateway,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<wsgate::Result<()>>>,
+}
+
+impl TestGateway {
+    pub async fn start(extra: &[&str]) -> Self {
+        let mut args = vec![
+            "wsgate",
+            "--listen",
+            "127.0.0.1:0",
+            "--drain-timeout-secs",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        let config = wsgate::Config::parse_args(args).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gateway = wsgate::Gateway::start(config).await.unwrap();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(wsgate::serve_gateway(
+            gateway.clone(),
+            listener,
+            None,
+            async {
+                let _ = rx.await;
+            },
+        ));
+        Self {
+            addr,
+            gateway,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn http(&self) -> Http {
+        Http::new(self.addr)
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr).await
+    }
+
+    /// Triggers the drain and waits for serve to return.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A `wsgate` child process, killed on drop.
+pub struct ProcessGateway {
+    pub addr: SocketAddr,
+    pub child: tokio::process::Child,
+    pub pid: u32,
+}
+
+impl ProcessGateway {
+    /// Spawns the `wsgate` binary built next to this test executable.
+    pub async fn spawn(extra: &[&str]) -> Self {
+        Self::spawn_bin(&wsgate_bin(), extra).await
+    }
+
+    /// Spawns the given `wsgate` binary.
+    pub async fn spawn_bin(bin: &str, extra: &[&str]) -> Self {
+        let mut child = tokio::process::Command::new(bin)
+            .args(["--listen", "127.0.0.1:0", "--log", "info"])
+            .args(extra)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let pid = child.id().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = tokio::time::timeout(DEADLINE, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(rest) = line.split("listen=").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap();
+                    return addr.parse::<SocketAddr>().unwrap();
+                }
+            }
+            panic!("wsgate exited before listening");
+        })
+        .await
+        .expect("wsgate did not start listening");
+        // Keep draining stderr so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { addr, child, pid }
+    }
+
+    pub fn http(&self) -> Http {
+        Http::new(self.addr)
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr).await
+    }
+
+    /// Resident set size of the process in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+/// Path of the `wsgate` binary: `$WSGATE_BIN`, or `wsgate` in the cargo target directory this
+/// test was built into (`cargo test --workspace` builds it, because the gateway package has
+/// integration tests of its own).
+pub fn wsgate_bin() -> String {
+    if let Ok(bin) = std::env::var("WSGATE_BIN") {
+        return bin;
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/wsgate
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap()
+        .join("wsgate");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build -p wsgate` (or cargo test --workspace)",
+        bin.display()
+    );
+    bin.to_string_lossy().into_owned()
+}
+
+/// A small HTTP client for the gateway's API.
+pub struct Http {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Http {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            base: format!("http://{addr}"),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.post(self.url(path))
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(self.url(path))
+    }
+
+    /// POSTs JSON and returns (status, body).
+    pub async fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
+        let resp = self.post(path).json(&body).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn publish(&self, topic: &str, message: &str) {
+        let (status, body) = self
+            .post_json(
+                "/api/publish",
+                serde_json::json!({"topic": topic, "message": message}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    pub async fn send(&self, socket: &str, message: &str) {
+        let (status, body) = self
+            .post_json(
+                "/api/send",
+                serde_json::json!({"socketId": socket, "message": message}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let resp = self.get(path).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn stats(&self) -> Value {
+        let (status, body) = self.get_json("/api/stats").await;
+        assert_eq!(status, 200);
+        body
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Polls until `check` holds for the stats, or panics at the deadline.
+    pub async fn wait_stats(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let s = self.stats().await;
+            if check(&s) {
+                return s;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Value of a metric line (`name{labels} value`) in a Prometheus scrape.
+pub fn metric(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A real WebSocket client.
+pub struct Client {
+    pub ws: Ws,
+    pub socket_id: String,
+}
+
+/// What a client received.
+#[derive(Debug, PartialEq)]
+pub enum Received {
+    Text(String),
+    Binary(Vec<u8>),
+    Close(Option<u16>, String),
+    Ended,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .unwrap();
+        let mut c = Self {
+            ws,
+            socket_id: String::new(),
+        };
+        let session = c.next_json().await;
+        assert_eq!(session["name"], "session", "{session}");
+        c.socket_id = session["data"]["socketId"].as_str().unwrap().to_owned();
+        c
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(WsMessage::text(text)).await.unwrap();
+    }
+
+    pub async fn next(&mut self) -> Received {
+        let item = tokio::time::timeout(DEADLINE, async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(WsMessage::Text(t))) => return Received::Text(t.as_str().to_owned()),
+                    Some(Ok(WsMessage::Binary(b))) => return Received::Binary(b.to_vec()),
+                    Some(Ok(WsMessage::Close(f))) => {
+                        let (code, reason) =
+                            f.map_or((None, String::new()), |CloseFrame { code, reason }| {
+                                (Some(u16::from(code)), reason.as_str().to_owned())
+                            });
+                        return Received::Close(code, reason);
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return Received::Ended,
+                }
+            }
+        })
+        .await;
+        item.expect("no message within the deadline")
+    }
+
+    pub async fn next_text(&mut self) -> String {
+        match self.next().await {
+            Received::Text(t) => t,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+
+    pub async fn next_json(&mut self) -> Value {
+        serde_json::from_str(&self.next_text().await).unwrap()
+    }
+
+    /// Joins with an ack id and waits for `room.joined`.
+    pub async fn join(&mut self, topic: &str) {
+        self.send_text(
+            &serde_json::json!({"type": "room.join", "room": topic, "id": topic}).to_string(),
+        )
+        .await;
+        let ack = self.next_json().await;
+        assert_eq!(ack["name"], "room.joined", "{ack}");
+        assert_eq!(ack["data"]["room"], topic);
+    }
+
+    /// Leaves with an ack id and waits for `room.left`.
+    pub async fn leave(&mut self, topic: &str) {
+        self.send_text(
+            &serde_json::json!({"type": "room.leave", "room": topic, "id": 1}).to_string(),
+        )
+        .await;
+        let ack = self.next_json().await;
+        assert_eq!(ack["name"], "room.left", "{ack}");
+    }
+
+    /// Sends a command and expects an error envelope with `code`.
+    pub async fn expect_error(&mut self, frame: &str, code: &str) {
+        self.send_text(frame).await;
+        let e = self.next_json().await;
+        assert_eq!(e["name"], "error", "{frame} -> {e}");
+        assert_eq!(e["data"]["code"], code, "{frame} -> {e}");
+        assert!(e["data"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+
+    /// Proves the connection still works: `2` gets `3`.
+    pub async fn assert_alive(&mut self) {
+        self.send_text("2").await;
+        assert_eq!(self.next_text().await, "3");
+    }
+}

@@ -18,6 +18,8 @@ use bytes::Bytes;
 use crate::types::Channel;
 
 pub mod memory;
+pub mod redis;
+pub mod wire;
 
 /// A boxed, sendable future (brokers are used as trait objects).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -1,0 +1,636 @@
+//! The Redis broker: cluster-wide fan-out over Redis pub/sub.
+//!
+//! Two connections, as in the seed: a publisher (PUBLISH) and a dedicated subscriber
+//! (SUBSCRIBE/UNSUBSCRIBE + receive). Channels are `{prefix}:{topic}`,
+//! `{prefix}:__socket__:{id}` and `{prefix}:__broadcast__`.
+//!
+//! Subscriptions are level-triggered: the hub records which channels are *wanted* (first/last
+//! local subscriber edges), and one subscriber task converges Redis to that set — SUBSCRIBE what
+//! is wanted and not active, UNSUBSCRIBE what is active and no longer wanted — so any
+//! interleaving of joins, leaves and disconnects ends with exactly the wanted channels. When the
+//! connection is lost, or a command is not answered in time (a frozen Redis), the connection is
+//! dropped and a fresh one resubscribes the wanted set in batches: Redis forgets a closed
+//! connection's subscriptions, so nothing is orphaned and nothing is missed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use rand::Rng;
+use redis::aio::{MultiplexedConnection, PubSubSink};
+use redis::{AsyncConnectionConfig, RedisError};
+use serde_json::json;
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+
+use super::{BoxFuture, Broker, BrokerError, Message, Sink, wire};
+use crate::metrics::{BrokerMetrics, DropReason, Metrics};
+use crate::types::{Channel, KeyPrefix};
+
+/// Most channels in one SUBSCRIBE/UNSUBSCRIBE.
+pub const BATCH: usize = 1000;
+/// SUBSCRIBE attempts before a channel is marked failed (it is retried later, never dropped).
+pub const SUBSCRIBE_ATTEMPTS: u32 = 3;
+/// How often channels whose subscribe failed are retried while connected.
+const FAILED_RETRY: Duration = Duration::from_secs(5);
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_CAP: Duration = Duration::from_secs(1);
+
+/// Settings of the Redis broker.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` URL.
+    pub url: String,
+    /// Channel namespace.
+    pub key_prefix: KeyPrefix,
+    /// Connect and command timeout.
+    pub timeout: Duration,
+    /// Largest payload accepted from Redis.
+    pub max_payload: usize,
+}
+
+#[derive(Default)]
+struct ChanState {
+    /// A local subscriber exists.
+    wanted: bool,
+    /// Redis confirmed the SUBSCRIBE on the current connection.
+    active: bool,
+    /// SUBSCRIBE failed after every attempt; retried on reconnect and periodically.
+    failed: bool,
+    /// Join acknowledgements waiting for `active`.
+    waiters: Vec<oneshot::Sender<Result<(), BrokerError>>>,
+}
+
+#[derive(Default)]
+struct State {
+    channels: HashMap<String, ChanState>,
+    sink: Option<Arc<dyn Sink>>,
+}
+
+struct Inner {
+    client: redis::Client,
+    prefix: String,
+    timeout: Duration,
+    max_payload: usize,
+    metrics: BrokerMetrics,
+    gateway_metrics: Option<Metrics>,
+    state: Mutex<State>,
+    wake: Notify,
+    stop: Notify,
+    stopped: AtomicBool,
+    up: AtomicBool,
+    publisher: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    last_warning_ms: AtomicU64,
+}
+
+/// Cluster-wide broker over Redis pub/sub.
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `100 ms × 2^(attempt-1) × random(0.5..1.5)`.
+pub fn subscribe_retry_delay(attempt: u32) -> Duration {
+    let base = 100.0 * f64::from(1u32 << attempt.saturating_sub(1).min(16));
+    Duration::from_secs_f64(base * rand::rng().random_range(0.5..1.5) / 1000.0)
+}
+
+/// Capped exponential backoff with full jitter around the middle: never above the cap.
+pub fn reconnect_delay(failures: u32) -> Duration {
+    let exp = BACKOFF_MIN.as_secs_f64() * f64::from(1u32 << failures.min(16));
+    let capped = exp.min(BACKOFF_CAP.as_secs_f64());
+    Duration::from_secs_f64(capped * rand::rng().random_range(0.5..1.0))
+}
+
+impl RedisBroker {
+    /// A stopped broker for `settings`.
+    ///
+    /// # Errors
+    /// [`BrokerError::Setup`] when the URL cannot be parsed.
+    pub fn new(
+        settings: RedisSettings,
+        metrics: BrokerMetrics,
+        gateway_metrics: Option<Metrics>,
+    ) -> Result<Self, BrokerError> {
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| BrokerError::Setup(format!("invalid Redis URL: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                prefix: format!("{}:", settings.key_prefix),
+                timeout: settings.timeout,
+                max_payload: settings.max_payload,
+                metrics,
+                gateway_metrics,
+                state: Mutex::default(),
+                wake: Notify::new(),
+                stop: Notify::new(),
+                stopped: AtomicBool::new(false),
+                up: AtomicBool::new(false),
+                publisher: tokio::sync::Mutex::new(None),
+                last_warning_ms: AtomicU64::new(0),
+            }),
+            task: Mutex::new(None),
+        })
+    }
+
+    /// The Redis channel for a gateway channel.
+    pub fn channel_name(&self, channel: &Channel) -> String {
+        self.inner.channel_name(channel)
+    }
+}
+
+impl Inner {
+    fn channel_name(&self, channel: &Channel) -> String {
+        format!("{}{}", self.prefix, channel.topic_name())
+    }
+
+    fn connection_config(&self) -> AsyncConnectionConfig {
+        AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Release);
+        self.metrics.up.set(i64::from(up));
+    }
+
+    /// Warns at most once a second (hostile traffic must not flood the logs).
+    fn warn_rejected(&self, channel: &str, why: &wire::Rejection) {
+        let now = crate::protocol::now_ms();
+        let last = self.last_warning_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .last_warning_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let channel: String = channel.chars().take(80).collect();
+            tracing::warn!(%channel, reason = %why, "dropped a Redis payload");
+        }
+    }
+
+    fn on_message(&self, msg: &redis::Msg) {
+        let name = msg.get_channel_name();
+        let reject = |why: wire::Rejection| {
+            self.metrics.rejected.inc();
+            if let Some(m) = &self.gateway_metrics {
+                m.dropped(DropReason::InvalidPayload, 1);
+            }
+            self.warn_rejected(name, &why);
+        };
+        let Some(topic_name) = name.strip_prefix(&self.prefix) else {
+            return reject(wire::Rejection::Malformed(
+                "channel outside our prefix".into(),
+            ));
+        };
+        let Ok(channel) = Channel::from_topic_name(topic_name) else {
+            return reject(wire::Rejection::Malformed(
+                "channel is not a valid topic".into(),
+            ));
+        };
+        match wire::decode(topic_name, msg.get_payload_bytes(), self.max_payload) {
+            Ok(envelope) => {
+                let sink = lock(&self.state).sink.clone();
+                if let Some(sink) = sink {
+                    sink.deliver(&channel, envelope.message);
+                }
+            }
+            Err(why) => reject(why),
+        }
+    }
+
+    /// Marks every channel inactive (the connection is gone) and updates the gauge.
+    fn all_inactive(&self) {
+        let mut st = lock(&self.state);
+        st.channels.retain(|_, c| {
+            c.active = false;
+            c.wanted || !c.waiters.is_empty()
+        });
+        self.metrics.channels.set(0);
+    }
+
+    fn active_count(st: &State) -> i64 {
+        st.channels.values().filter(|c| c.active).count() as i64
+    }
+
+    /// Converges Redis to the wanted set. `Err` means the connection is unusable.
+    async fn sync(&self, sink: &mut PubSubSink, retry_failed: bool) -> Result<(), RedisError> {
+        loop {
+            let (subscribe, unsubscribe) = {
+                let st = lock(&self.state);
+                let mut sub = Vec::new();
+                let mut unsub = Vec::new();
+                for (name, c) in &st.channels {
+                    if c.wanted && !c.active && (retry_failed || !c.failed) {
+                        sub.push(name.clone());
+                    } else if !c.wanted && c.active {
+                        unsub.push(name.clone());
+                    }
+                }
+                (sub, unsub)
+            };
+            if subscribe.is_empty() && unsubscribe.is_empty() {
+                return Ok(());
+            }
+            for batch in unsubscribe.chunks(BATCH) {
+                tokio::time::timeout(self.timeout, sink.unsubscribe(batch))
+                    .await
+                    .map_err(|_| timeout_error())??;
+                let mut st = lock(&self.state);
+                for name in batch {
+                    if let Some(c) = st.channels.get_mut(name) {
+                        c.active = false;
+                    }
+                }
+                st.channels
+                    .retain(|_, c| c.wanted || c.active || !c.waiters.is_empty());
+                self.metrics.channels.set(Self::active_count(&st));
+            }
+            for batch in subscribe.chunks(BATCH) {
+                self.subscribe_batch(sink, batch).await?;
+            }
+            if subscribe
+                .iter()
+                .all(|n| lock(&self.state).channels.get(n).is_some_and(|c| c.failed))
+                && unsubscribe.is_empty()
+            {
+                // Only failures left: wait for the next trigger rather than spinning.
+                return Ok(());
+            }
+        }
+    }
+
+    async fn subscribe_batch(
+        &self,
+        sink: &mut PubSubSink,
+        batch: &[String],
+    ) -> Result<(), RedisError> {
+        let mut attempt = 1;
+        loop {
+            match tokio::time::timeout(self.timeout, sink.subscribe(batch)).await {
+                Err(_) => return Err(timeout_error()),
+                Ok(Ok(())) => {
+                    let mut st = lock(&self.state);
+                    for name in batch {
+                        if let Some(c) = st.channels.get_mut(name) {
+                            c.active = true;
+                            c.failed = false;
+                            for w in c.waiters.drain(..) {
+                                let _ = w.send(Ok(()));
+                            }
+                        }
+                    }
+                    self.metrics.channels.set(Self::active_count(&st));
+                    return Ok(());
+                }
+                Ok(Err(e)) if is_connection_error(&e) => return Err(e),
+                Ok(Err(e)) if attempt < SUBSCRIBE_ATTEMPTS => {
+                    tracing::debug!(error = %e, attempt, "SUBSCRIBE refused; retrying");
+                    tokio::time::sleep(subscribe_retry_delay(attempt)).await;
+                    attempt += 1;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, channels = batch.len(), "SUBSCRIBE failed after {SUBSCRIBE_ATTEMPTS} attempts; will retry");
+                    self.metrics.subscribe_failures.inc_by(batch.len() as u64);
+                    let mut st = lock(&self.state);
+                    for name in batch {
+                        if let Some(c) = st.channels.get_mut(name) {
+                            c.failed = true;
+                            for w in c.waiters.drain(..) {
+                                let _ = w.send(Err(BrokerError::Unavailable(format!(
+                                    "Redis refused SUBSCRIBE: {e}"
+                                ))));
+                            }
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The subscriber task: connect, resubscribe, receive and reconcile; reconnect on loss.
+    async fn run_subscriber(self: Arc<Self>, first_up: oneshot::Sender<()>) {
+        let mut first_up = Some(first_up);
+        let mut failures: u32 = 0;
+        let mut connected_before = false;
+        while !self.stopped.load(Ordering::Acquire) {
+            let pubsub =
+                match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "Redis subscriber connect failed");
+                        failures += 1;
+                        if self.pause(reconnect_delay(failures)).await {
+                            break;
+                        }
+                        continue;
+                    }
+                    Err(_) => {
+                        tracing::debug!("Redis subscriber connect timed out");
+                        failures += 1;
+                        if self.pause(reconnect_delay(failures)).await {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+            let (mut sink, mut stream) = pubsub.split();
+            if let Err(e) = self.sync(&mut sink, true).await {
+                tracing::warn!(error = %e, "Redis resubscribe failed; reconnecting");
+                self.all_inactive();
+                failures += 1;
+                if self.pause(reconnect_delay(failures)).await {
+                    break;
+                }
+                continue;
+            }
+            if connected_before {
+                self.metrics.reconnects.inc();
+                tracing::info!("Redis subscriber reconnected and resubscribed");
+            }
+            connected_before = true;
+            failures = 0;
+            self.set_up(true);
+            if let Some(tx) = first_up.take() {
+                let _ = tx.send(());
+            }
+            let mut retry = tokio::time::interval(FAILED_RETRY);
+            retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            retry.tick().await;
+            let lost = loop {
+                tokio::select! {
+                    msg = stream.next() => match msg {
+                        Some(m) => self.on_message(&m),
+                        None => break "connection closed",
+                    },
+                    () = self.wake.notified() => {
+                        if let Err(e) = self.sync(&mut sink, false).await {
+                            tracing::warn!(error = %e, "Redis subscribe/unsubscribe failed");
+                            break "command failed";
+                        }
+                    }
+                    _ = retry.tick() => {
+                        if let Err(e) = self.sync(&mut sink, true).await {
+                            tracing::warn!(error = %e, "Redis subscribe retry failed");
+                            break "command failed";
+                        }
+                    }
+                    () = self.stop.notified() => {
+                        let active: Vec<String> = lock(&self.state).channels.iter().filter(|(_, c)| c.active).map(|(n, _)| n.clone()).collect();
+                        for batch in active.chunks(BATCH) {
+                            let _ = tokio::time::timeout(self.timeout, sink.unsubscribe(batch)).await;
+                        }
+                        break "stopped";
+                    }
+                }
+            };
+            self.set_up(false);
+            self.all_inactive();
+            if lost != "stopped" {
+                tracing::warn!(
+                    reason = lost,
+                    "lost the Redis subscriber connection; reconnecting"
+                );
+            }
+        }
+        self.set_up(false);
+        self.all_inactive();
+    }
+
+    /// Sleeps unless stopped first; returns true when stopped.
+    async fn pause(&self, d: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(d) => self.stopped.load(Ordering::Acquire),
+            () = self.stop.notified() => true,
+        }
+    }
+
+    async fn publisher(&self) -> Result<MultiplexedConnection, BrokerError> {
+        let mut slot = self.publisher.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let conn = tokio::time::timeout(
+            self.timeout,
+            self.client
+                .get_multiplexed_async_connection_with_config(&self.connection_config()),
+        )
+        .await
+        .map_err(|_| BrokerError::Unavailable("Redis connect timed out".into()))?
+        .map_err(|e| BrokerError::Unavailable(format!("Redis unreachable: {e}")))?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn publish(&self, channel: String, payload: Vec<u8>) -> Result<(), BrokerError> {
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(BrokerError::Stopped);
+        }
+        let mut conn = self.publisher().await?;
+        let result: Result<i64, RedisError> = tokio::time::timeout(
+            self.timeout,
+            redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(payload)
+                .query_async(&mut conn),
+        )
+        .await
+        .unwrap_or_else(|_| Err(timeout_error()));
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // Any failure may leave the connection unusable: start fresh next time.
+                self.publisher.lock().await.take();
+                if e.is_timeout() {
+                    Err(BrokerError::Timeout)
+                } else {
+                    Err(BrokerError::Unavailable(format!(
+                        "Redis PUBLISH failed: {e}"
+                    )))
+                }
+            }
+        }
+    }
+}
+
+fn timeout_error() -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "Redis did not answer in time",
+    ))
+}
+
+fn is_connection_error(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+}
+
+impl Broker for RedisBroker {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn start(&self, sink: Arc<dyn Sink>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let rx = {
+                let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+                if task.is_some() {
+                    return Ok(());
+                }
+                lock(&self.inner.state).sink = Some(sink);
+                self.inner.stopped.store(false, Ordering::Release);
+                let (tx, rx) = oneshot::channel();
+                *task = Some(tokio::spawn(self.inner.clone().run_subscriber(tx)));
+                rx
+            };
+            // Wait briefly for the first connection; if Redis is not there yet the gateway
+            // still starts (not ready) and keeps trying.
+            if tokio::time::timeout(self.inner.timeout, rx).await.is_err() {
+                tracing::warn!("Redis not reachable yet; starting unready and retrying");
+            }
+            Ok(())
+        })
+    }
+
+    fn channel_added(&self, channel: &Channel) {
+        let name = self.inner.channel_name(channel);
+        let mut st = lock(&self.inner.state);
+        let c = st.channels.entry(name).or_default();
+        c.wanted = true;
+        c.failed = false;
+        drop(st);
+        self.inner.wake.notify_one();
+    }
+
+    fn channel_removed(&self, channel: &Channel) {
+        let name = self.inner.channel_name(channel);
+        let mut st = lock(&self.inner.state);
+        if let Some(c) = st.channels.get_mut(&name) {
+            c.wanted = false;
+            if !c.active && c.waiters.is_empty() {
+                st.channels.remove(&name);
+            }
+        }
+        drop(st);
+        self.inner.wake.notify_one();
+    }
+
+    fn confirmed(&self, channel: &Channel) -> BoxFuture<'_, Result<(), BrokerError>> {
+        let name = self.inner.channel_name(channel);
+        let rx = {
+            let mut st = lock(&self.inner.state);
+            let up = self.inner.up.load(Ordering::Acquire);
+            let c = st.channels.entry(name).or_default();
+            if c.active && up {
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                c.waiters.push(tx);
+                Some(rx)
+            }
+        };
+        let timeout = self.inner.timeout;
+        Box::pin(async move {
+            let Some(rx) = rx else { return Ok(()) };
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(BrokerError::Stopped),
+                Err(_) => Err(BrokerError::Timeout),
+            }
+        })
+    }
+
+    fn publish(
+        &self,
+        channel: &Channel,
+        message: Message,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        let name = self.inner.channel_name(channel);
+        let payload = wire::encode(&channel.topic_name(), &message);
+        Box::pin(self.inner.publish(name, payload))
+    }
+
+    fn is_up(&self) -> bool {
+        self.inner.up.load(Ordering::Acquire)
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let st = lock(&self.inner.state);
+        let active = st.channels.values().filter(|c| c.active).count();
+        let wanted = st.channels.values().filter(|c| c.wanted).count();
+        let failed = st.channels.values().filter(|c| c.failed).count();
+        json!({
+            "type": "redis",
+            "up": self.is_up(),
+            "keyPrefix": self.inner.prefix.trim_end_matches(':'),
+            "channels": active,
+            "wantedChannels": wanted,
+            "failedChannels": failed,
+            "reconnects": self.inner.metrics.reconnects.get(),
+        })
+    }
+
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let task = self
+                .task
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            self.inner.stopped.store(true, Ordering::Release);
+            self.inner.stop.notify_one();
+            if let Some(task) = task {
+                let abort = task.abort_handle();
+                if tokio::time::timeout(self.inner.timeout * 2, task)
+                    .await
+                    .is_err()
+                {
+                    abort.abort();
+                }
+            }
+            self.inner.publisher.lock().await.take();
+            lock(&self.inner.state).sink = None;
+            self.inner.set_up(false);
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribe_retry_delays_follow_the_seed_formula() {
+        for attempt in 1..=3u32 {
+            let base = 100.0 * f64::from(1u32 << (attempt - 1));
+            for _ in 0..100 {
+                let d = subscribe_retry_delay(attempt).as_secs_f64() * 1000.0;
+                assert!(
+                    d >= base * 0.5 && d <= base * 1.5,
+                    "attempt {attempt}: {d} ms"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn reconnect_backoff_grows_and_stays_under_the_cap() {
+        for failures in 0..40 {
+            assert!(reconnect_delay(failures) <= BACKOFF_CAP);
+        }
+        assert!(reconnect_delay(1) < Duration::from_millis(101));
+    }
+}

@@ -1,0 +1,258 @@
+//! The Redis wire envelope, byte-compatible with `@orijs/websocket-redis`:
+//! `{"topic":"<topic>","message":"<text or base64>","isBinary":<bool>}`.
+//!
+//! Parsing is strict and typed. Anything else — not JSON, wrong types, missing or duplicate
+//! fields, prototype-pollution keys, bad base64, a topic that breaks the rules or does not match
+//! the channel — is rejected with a reason, never a panic.
+
+use std::fmt;
+
+use base64::Engine;
+use bytes::Bytes;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+use super::Message;
+
+/// Why a payload was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("payload of {0} bytes is over the limit")]
+    TooLarge(usize),
+    #[error("malformed envelope: {0}")]
+    Malformed(String),
+    #[error("envelope topic {0:?} does not match its channel")]
+    TopicMismatch(String),
+    #[error("message is not valid base64")]
+    BadBase64,
+    #[error("control message on a channel other than a socket's")]
+    MisplacedControl,
+}
+
+/// A decoded envelope.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Envelope {
+    pub topic: String,
+    pub message: Message,
+}
+
+#[derive(Serialize)]
+struct Outgoing<'a> {
+    topic: &'a str,
+    message: &'a str,
+    #[serde(rename = "isBinary")]
+    is_binary: bool,
+    #[serde(rename = "wsgateControl", skip_serializing_if = "Option::is_none")]
+    control: Option<&'a str>,
+}
+
+/// Encodes `message` for `topic` (the seed's topic name: `t`, `__socket__:<id>`, `__broadcast__`).
+pub fn encode(topic: &str, message: &Message) -> Vec<u8> {
+    let (text, is_binary, control);
+    let b64;
+    match message {
+        Message::Text(b) => {
+            // Text messages are UTF-8 by construction; a lossy view never changes valid input.
+            text = String::from_utf8_lossy(b);
+            is_binary = false;
+            control = None;
+        }
+        Message::Binary(b) => {
+            b64 = base64::engine::general_purpose::STANDARD.encode(b);
+            text = std::borrow::Cow::Borrowed(b64.as_str());
+            is_binary = true;
+            control = None;
+        }
+        Message::Disconnect => {
+            text = std::borrow::Cow::Borrowed("");
+            is_binary = false;
+            control = Some("disconnect");
+        }
+    }
+    let out = Outgoing {
+        topic,
+        message: &text,
+        is_binary,
+        control,
+    };
+    serde_json::to_vec(&out).unwrap_or_default()
+}
+
+struct Raw {
+    topic: String,
+    message: String,
+    is_binary: bool,
+    control: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Raw {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Raw;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object with topic, message and isBinary")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
+                let (mut topic, mut message, mut is_binary, mut control) = (None, None, None, None);
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "topic" if topic.is_none() => topic = Some(map.next_value::<String>()?),
+                        "message" if message.is_none() => {
+                            message = Some(map.next_value::<String>()?)
+                        }
+                        "isBinary" if is_binary.is_none() => {
+                            is_binary = Some(map.next_value::<bool>()?)
+                        }
+                        "wsgateControl" if control.is_none() => {
+                            control = Some(map.next_value::<String>()?)
+                        }
+                        "topic" | "message" | "isBinary" | "wsgateControl" => {
+                            return Err(de::Error::custom(format!("duplicate field {key}")));
+                        }
+                        "__proto__" | "constructor" | "prototype" => {
+                            return Err(de::Error::custom(format!("forbidden key {key}")));
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(Raw {
+                    topic: topic.ok_or_else(|| de::Error::missing_field("topic"))?,
+                    message: message.ok_or_else(|| de::Error::missing_field("message"))?,
+                    is_binary: is_binary.ok_or_else(|| de::Error::missing_field("isBinary"))?,
+                    control,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Decodes a payload received on the channel whose seed topic name is `channel_topic`.
+///
+/// # Errors
+/// [`Rejection`] saying why the payload is unacceptable.
+pub fn decode(channel_topic: &str, payload: &[u8], max_len: usize) -> Result<Envelope, Rejection> {
+    if payload.len() > max_len {
+        return Err(Rejection::TooLarge(payload.len()));
+    }
+    let raw: Raw =
+        serde_json::from_slice(payload).map_err(|e| Rejection::Malformed(e.to_string()))?;
+    if raw.topic != channel_topic {
+        return Err(Rejection::TopicMismatch(
+            raw.topic.chars().take(64).collect(),
+        ));
+    }
+    let message = match (raw.control.as_deref(), raw.is_binary) {
+        (Some("disconnect"), _) => {
+            if !channel_topic.starts_with(crate::types::SOCKET_TOPIC_PREFIX) {
+                return Err(Rejection::MisplacedControl);
+            }
+            Message::Disconnect
+        }
+        (Some(other), _) => return Err(Rejection::Malformed(format!("unknown control {other:?}"))),
+        (None, true) => Message::Binary(Bytes::from(
+            base64::engine::general_purpose::STANDARD
+                .decode(raw.message.as_bytes())
+                .map_err(|_| Rejection::BadBase64)?,
+        )),
+        (None, false) => Message::Text(Bytes::from(raw.message)),
+    };
+    Ok(Envelope {
+        topic: raw.topic,
+        message,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_and_binary_round_trip_in_the_seed_format() {
+        let t = encode(
+            "news",
+            &Message::Text(Bytes::from_static("hé \"x\"".as_bytes())),
+        );
+        assert_eq!(
+            std::str::from_utf8(&t).unwrap(),
+            r#"{"topic":"news","message":"hé \"x\"","isBinary":false}"#
+        );
+        assert_eq!(
+            decode("news", &t, 1 << 20).unwrap().message,
+            Message::Text(Bytes::from_static("hé \"x\"".as_bytes()))
+        );
+        let b = encode("news", &Message::Binary(Bytes::from_static(&[0, 255, 1])));
+        assert_eq!(
+            std::str::from_utf8(&b).unwrap(),
+            r#"{"topic":"news","message":"AP8B","isBinary":true}"#
+        );
+        assert_eq!(
+            decode("news", &b, 1 << 20).unwrap().message,
+            Message::Binary(Bytes::from_static(&[0, 255, 1]))
+        );
+    }
+
+    #[test]
+    fn disconnect_travels_only_on_socket_channels() {
+        let ch = "__socket__:3f2b6f8e-2a53-4a7c-9a8e-1b2c3d4e5f60";
+        let d = encode(ch, &Message::Disconnect);
+        assert_eq!(decode(ch, &d, 1024).unwrap().message, Message::Disconnect);
+        let d = encode("news", &Message::Disconnect);
+        assert_eq!(decode("news", &d, 1024), Err(Rejection::MisplacedControl));
+    }
+
+    #[test]
+    fn unknown_fields_from_newer_peers_are_ignored() {
+        let p = br#"{"topic":"t","message":"m","isBinary":false,"instanceId":"abc","meta":{"a":[1,2]}}"#;
+        assert_eq!(
+            decode("t", p, 1024).unwrap().message,
+            Message::Text(Bytes::from_static(b"m"))
+        );
+    }
+
+    #[test]
+    fn hostile_and_malformed_payloads_are_rejected() {
+        let deep = format!(
+            r#"{{"topic":"t","message":{}"x"{},"isBinary":false}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        let cases: Vec<Vec<u8>> = vec![
+            b"not json".to_vec(),
+            b"".to_vec(),
+            b"[]".to_vec(),
+            b"null".to_vec(),
+            br#"{"topic":"t","message":"m"}"#.to_vec(),
+            br#"{"topic":"t","isBinary":false}"#.to_vec(),
+            br#"{"topic":"t","message":5,"isBinary":false}"#.to_vec(),
+            br#"{"topic":"t","message":"m","isBinary":"yes"}"#.to_vec(),
+            br#"{"topic":["t"],"message":"m","isBinary":false}"#.to_vec(),
+            br#"{"topic":"t","message":"m","isBinary":false,"__proto__":{"polluted":1}}"#.to_vec(),
+            br#"{"topic":"t","message":"m","isBinary":false,"constructor":{}}"#.to_vec(),
+            br#"{"topic":"t","message":"m","message":"again","isBinary":false}"#.to_vec(),
+            br#"{"topic":"other","message":"m","isBinary":false}"#.to_vec(),
+            br#"{"topic":"t","message":"***","isBinary":true}"#.to_vec(),
+            br#"{"topic":"t","message":"m","isBinary":false,"wsgateControl":"explode"}"#.to_vec(),
+            deep.into_bytes(),
+            vec![b'{'; 100_000],
+            [
+                br#"{"topic":"t","message":""#.as_slice(),
+                &[0xFF, 0xFE],
+                br#"","isBinary":false}"#,
+            ]
+            .concat(),
+        ];
+        for p in cases {
+            assert!(
+                decode("t", &p, 1 << 20).is_err(),
+                "accepted {:?}",
+                String::from_utf8_lossy(&p[..p.len().min(80)])
+            );
+        }
+        let huge = vec![b' '; 2000];
+        assert_eq!(decode("t", &huge, 1000), Err(Rejection::TooLarge(2000)));
+    }
+}
