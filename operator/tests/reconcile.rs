@@ -44,8 +44,76 @@ struct ServiceMonitorSpec {
 
 type Writes = Arc<Mutex<Vec<String>>>;
 
+/// `(api group, resource[/subresource], RBAC verb)` of every request the operator made.
+type Requests = Arc<Mutex<std::collections::BTreeSet<(String, String, String)>>>;
+
+/// Wraps the in-memory client so that every HTTP request is also recorded as the RBAC
+/// permission it needs.
+fn recording(inner: Client, requests: Requests) -> Client {
+    let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+        if let Some(permission) = rbac_permission(&req) {
+            requests.lock().expect("requests lock").extend(permission);
+        }
+        let inner = inner.clone();
+        async move { inner.send(req).await }
+    });
+    Client::new(service, "default")
+}
+
+/// The RBAC permissions an API request needs. Server-side apply may create the object, so it
+/// needs `create` as well as `patch`.
+fn rbac_permission<B>(req: &http::Request<B>) -> Option<Vec<(String, String, String)>> {
+    let parts: Vec<&str> = req
+        .uri()
+        .path()
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => (String::new(), rest),
+        ["apis", group, _version, rest @ ..] => ((*group).to_owned(), rest),
+        _ => return None, // /version and discovery need no RBAC rule of ours
+    };
+    let rest = match rest {
+        ["namespaces", _ns, rest @ ..] if !rest.is_empty() => rest,
+        rest => rest,
+    };
+    let (resource, named) = match rest {
+        [resource] => ((*resource).to_owned(), false),
+        [resource, _name] => ((*resource).to_owned(), true),
+        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+        _ => return None,
+    };
+    let query = req.uri().query().unwrap_or_default();
+    let apply = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/apply-patch"));
+    let verbs: Vec<&str> = match (req.method().as_str(), named) {
+        ("GET", true) => vec!["get"],
+        ("GET", false) if query.contains("watch=true") => vec!["watch"],
+        ("GET", false) => vec!["list"],
+        ("POST", _) => vec!["create"],
+        ("PUT", _) => vec!["update"],
+        ("PATCH", _) if apply => vec!["patch", "create"],
+        ("PATCH", _) => vec!["patch"],
+        ("DELETE", _) => vec!["delete"],
+        _ => return None,
+    };
+    Some(
+        verbs
+            .into_iter()
+            .map(|v| (group.clone(), resource.clone(), v.to_owned()))
+            .collect(),
+    )
+}
+
 struct World {
+    /// Plain in-memory client: what the test itself reads and writes (not recorded).
     client: Client,
+    /// What the operator uses: the same API, with every request recorded in `requests`.
+    operator_client: Client,
+    requests: Requests,
     ctx: Arc<Context>,
     writes: Writes,
     /// When set, every spec write fails with this HTTP status (to simulate API trouble).
@@ -131,8 +199,10 @@ impl World {
             .build()
             .await
             .expect("fake client");
+        let requests: Requests = Arc::default();
+        let operator_client = recording(client.clone(), requests.clone());
         let ctx = Arc::new(Context::new(
-            client.clone(),
+            operator_client.clone(),
             Defaults {
                 gateway_image: "ghcr.io/wsgate/wsgate:0.1.0".into(),
             },
@@ -144,6 +214,8 @@ impl World {
         ));
         Self {
             client,
+            operator_client,
+            requests,
             ctx,
             writes,
             fail_writes,
@@ -830,4 +902,153 @@ async fn a_stale_lease_write_loses_instead_of_creating_two_leaders() {
         .await
         .expect_err("conflict");
     assert!(matches!(err, kube::Error::Api(s) if s.code == 409));
+}
+
+#[tokio::test]
+async fn manual_edits_to_a_child_are_reverted_on_the_next_reconcile() {
+    let world = World::new(WsClusterSpec {
+        redis: redis(),
+        replicas: 2,
+        ..Default::default()
+    })
+    .await;
+    world.reconcile_ok().await;
+    // Someone edits the Deployment by hand.
+    world
+        .api::<Deployment>()
+        .patch(
+            NAME,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "replicas": 9, "template": { "spec": {
+                "containers": [{ "name": "gateway", "image": "evil:latest" }] } } } })),
+        )
+        .await
+        .expect("manual edit");
+    world.take_writes();
+    world.reconcile_ok().await;
+    let d = world.deployment().await;
+    assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(2));
+    assert_eq!(
+        container_image(&d).as_deref(),
+        Some("ghcr.io/wsgate/wsgate:0.1.0")
+    );
+    assert_eq!(
+        world.take_writes(),
+        vec!["patch chat".to_owned()],
+        "one apply repairs the drift"
+    );
+}
+
+/// `(group, resource, verb)` granted by the chart's ClusterRole and leader-election Role.
+fn chart_permissions() -> std::collections::BTreeSet<(String, String, String)> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/wsgate-operator/templates/rbac.yaml"
+    );
+    let template = std::fs::read_to_string(path).expect("rbac template");
+    // Drop template control lines, blank out inline expressions: what remains is plain YAML.
+    let yaml: String = template
+        .lines()
+        .filter(|l| !(l.trim_start().starts_with("{{") && l.trim_end().ends_with("}}")))
+        .map(|l| match (l.find("{{"), l.rfind("}}")) {
+            (Some(a), Some(b)) => format!("{}x{}\n", &l[..a], &l[b + 2..]),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&yaml).expect("rbac yaml");
+    let mut granted = std::collections::BTreeSet::new();
+    for doc in docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+    {
+        for rule in doc["rules"].as_array().expect("rules") {
+            for group in rule["apiGroups"].as_array().expect("apiGroups") {
+                for resource in rule["resources"].as_array().expect("resources") {
+                    for verb in rule["verbs"].as_array().expect("verbs") {
+                        granted.insert((
+                            group.as_str().unwrap_or_default().to_owned(),
+                            resource.as_str().unwrap_or_default().to_owned(),
+                            verb.as_str().unwrap_or_default().to_owned(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    granted
+}
+
+#[tokio::test]
+async fn the_chart_rbac_grants_exactly_the_permissions_the_operator_uses() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::jiff::Timestamp;
+    use std::time::Duration;
+    use wsgate_operator::leader::LeaderElector;
+
+    // Drive every code path that talks to the API: create, HPA on and off, PDB off, a
+    // ServiceMonitor, an invalid spec (status + Event), and the leader Lease.
+    let world = World::build(
+        WsClusterSpec {
+            redis: redis(),
+            metrics: MetricsSpec {
+                service_monitor: true,
+                interval: None,
+            },
+            ..Default::default()
+        },
+        true,
+    )
+    .await;
+    world.reconcile_ok().await;
+    world.edit_spec(json!({ "autoscaling": { "minReplicas": 2, "maxReplicas": 4, "targetCPUUtilizationPercentage": 70 } })).await;
+    world.reconcile_ok().await;
+    world
+        .edit_spec(json!({ "autoscaling": null, "podDisruptionBudget": { "enabled": false }, "metrics": { "serviceMonitor": false } }))
+        .await;
+    world.reconcile_ok().await;
+    world
+        .edit_spec(json!({ "replicas": 3, "redis": null }))
+        .await;
+    world.reconcile().await.expect("invalid spec reconciles");
+    let leases = Api::<Lease>::namespaced(world.operator_client.clone(), "wsgate-system");
+    let elector = LeaderElector::new(leases, "wsgate-operator", "pod-a", Duration::from_secs(15));
+    let now = Timestamp::from_second(1_800_000_000).expect("time");
+    assert!(elector.try_acquire_or_renew(now).await.expect("acquire"));
+    assert!(elector.try_acquire_or_renew(now).await.expect("renew"));
+    elector.release().await.expect("release");
+
+    let mut used = world.requests.lock().expect("requests").clone();
+    // Requests the controller runtime makes in a real cluster, which the fake cannot serve:
+    // list+watch of the WsClusters and of every owned kind.
+    for (group, resource) in [
+        ("wsgate.io", "wsclusters"),
+        ("apps", "deployments"),
+        ("", "services"),
+        ("autoscaling", "horizontalpodautoscalers"),
+        ("policy", "poddisruptionbudgets"),
+    ] {
+        for verb in ["list", "watch"] {
+            used.insert((group.into(), resource.into(), verb.into()));
+        }
+    }
+    // Needed by admission rather than requested: owner references with blockOwnerDeletion need
+    // update on the owner's finalizers; the event recorder patches an event it repeats.
+    used.insert((
+        "wsgate.io".into(),
+        "wsclusters/finalizers".into(),
+        "update".into(),
+    ));
+    used.insert(("events.k8s.io".into(), "events".into(), "patch".into()));
+
+    let granted = chart_permissions();
+    let missing: Vec<_> = used.difference(&granted).collect();
+    let unused: Vec<_> = granted.difference(&used).collect();
+    assert!(
+        missing.is_empty(),
+        "the chart lacks permissions the operator uses: {missing:?}"
+    );
+    assert!(
+        unused.is_empty(),
+        "the chart grants permissions the operator never uses: {unused:?}"
+    );
 }
