@@ -10,6 +10,7 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Secret, Service};
@@ -19,6 +20,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::{Controller, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -89,6 +91,43 @@ impl Context {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(key);
     }
+}
+
+/// Runs the controller until `shutdown` completes: watches WsClusters and the children it
+/// owns (selected by the `managed-by` label), reconciles each change, and keeps the
+/// `wsgate_operator_managed_wsclusters` gauge current.
+pub async fn run(
+    client: Client,
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let owned =
+        || watcher::Config::default().labels("app.kubernetes.io/managed-by=wsgate-operator");
+    let controller = Controller::new(
+        Api::<WsCluster>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(Api::<Deployment>::all(client.clone()), owned())
+    .owns(Api::<Service>::all(client.clone()), owned())
+    .owns(Api::<HorizontalPodAutoscaler>::all(client.clone()), owned())
+    .owns(Api::<PodDisruptionBudget>::all(client), owned());
+    let store = controller.store();
+    let metrics = ctx.metrics.clone();
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| {
+            metrics
+                .managed
+                .set(i64::try_from(store.state().len()).unwrap_or(i64::MAX));
+            if let Err(e) = result {
+                // Reconcile errors are logged by the error policy; these are watch and queue
+                // errors, which the runtime retries.
+                warn!(error = %e, "controller event");
+            }
+            futures::future::ready(())
+        })
+        .await;
 }
 
 /// Delay before retrying after `failures` consecutive transient errors: 2 s, 4 s, 8 s … 300 s.

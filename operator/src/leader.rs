@@ -5,14 +5,20 @@
 //! (the other gets 409 Conflict). A leader that cannot renew in time stops reconciling before
 //! the Lease can expire (see `main`), so two replicas never reconcile at once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, PostParams};
+use tokio::sync::watch;
+use tracing::{error, warn};
 
 use crate::error::Result;
+
+/// Wall-clock source for Lease timestamps; tests inject their own.
+pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
 
 /// What a candidate should do with the Lease as it stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +67,7 @@ pub struct LeaderElector {
     lease_name: String,
     identity: String,
     lease_duration: Duration,
+    clock: Clock,
 }
 
 impl LeaderElector {
@@ -77,6 +84,68 @@ impl LeaderElector {
             lease_name: lease_name.to_owned(),
             identity: identity.to_owned(),
             lease_duration,
+            clock: Arc::new(Timestamp::now),
+        }
+    }
+
+    /// Uses `clock` instead of the system clock for Lease timestamps.
+    #[must_use]
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Waits until this candidate holds the Lease, retrying every renew interval. Returns false
+    /// if `stop` is set first.
+    pub async fn acquire(&self, mut stop: watch::Receiver<bool>) -> bool {
+        loop {
+            if *stop.borrow() {
+                return false;
+            }
+            match self.try_acquire_or_renew((self.clock)()).await {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "leader election attempt failed"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.renew_interval()) => {}
+                changed = stop.changed() => if changed.is_err() { return false },
+            }
+        }
+    }
+
+    /// Renews the Lease every renew interval while leading. Sets `stop` (so the controller
+    /// shuts down) as soon as another candidate holds the Lease, or when no renewal has
+    /// succeeded for two thirds of the Lease duration: the leader steps down before anyone else
+    /// may legitimately take over. Returns once `stop` is set.
+    pub async fn keep_leadership(&self, stop: watch::Sender<bool>) {
+        let mut last_renewed = tokio::time::Instant::now();
+        let deadline = self.lease_duration.mul_f64(2.0 / 3.0);
+        loop {
+            tokio::time::sleep(self.renew_interval()).await;
+            if *stop.borrow() {
+                return;
+            }
+            // A hung request must not outlive the lease: bound each attempt.
+            let attempt = tokio::time::timeout(
+                self.renew_interval(),
+                self.try_acquire_or_renew((self.clock)()),
+            );
+            match attempt.await {
+                Ok(Ok(true)) => last_renewed = tokio::time::Instant::now(),
+                Ok(Ok(false)) => {
+                    error!("lost the leader lease to another replica; stopping");
+                    let _ = stop.send(true);
+                    return;
+                }
+                Ok(Err(e)) => warn!(error = %e, "lease renewal failed"),
+                Err(_) => warn!("lease renewal timed out"),
+            }
+            if last_renewed.elapsed() >= deadline {
+                error!("could not renew the leader lease in time; stopping");
+                let _ = stop.send(true);
+                return;
+            }
         }
     }
 

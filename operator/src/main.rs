@@ -2,25 +2,16 @@
 //! run the controller until SIGTERM or until leadership is lost.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::Reporter;
-use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 use wsgate_operator::config::{Config, LogFormat};
 use wsgate_operator::controller::{self, Context};
-use wsgate_operator::crd::WsCluster;
 use wsgate_operator::http::{self, Health};
 use wsgate_operator::leader::LeaderElector;
 use wsgate_operator::metrics::Metrics;
@@ -73,16 +64,13 @@ async fn main() -> anyhow::Result<()> {
         )
     });
     if let Some(elector) = &elector {
-        if !acquire(elector, stop_rx.clone()).await {
+        if !elector.acquire(stop_rx.clone()).await {
             return Ok(());
         }
         metrics.leader.set(1);
         info!(identity = %config.pod_name, "became leader");
-        tokio::spawn(keep_leadership(
-            elector.clone(),
-            config.lease_duration(),
-            stop_tx.clone(),
-        ));
+        let (elector, stop_tx) = (elector.clone(), stop_tx.clone());
+        tokio::spawn(async move { elector.keep_leadership(stop_tx).await });
     } else {
         metrics.leader.set(1);
     }
@@ -100,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
         metrics.clone(),
         reporter,
     ));
-    run_controller(client, ctx, metrics.clone(), stop_rx.clone()).await;
+    controller::run(client, ctx, wait_for(stop_rx.clone())).await;
 
     metrics.leader.set(0);
     if let Some(elector) = &elector
@@ -110,92 +98,6 @@ async fn main() -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
-}
-
-async fn run_controller(
-    client: Client,
-    ctx: Arc<Context>,
-    metrics: Metrics,
-    stop: watch::Receiver<bool>,
-) {
-    let owned =
-        || watcher::Config::default().labels("app.kubernetes.io/managed-by=wsgate-operator");
-    let controller = Controller::new(
-        Api::<WsCluster>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .owns(Api::<Deployment>::all(client.clone()), owned())
-    .owns(Api::<Service>::all(client.clone()), owned())
-    .owns(Api::<HorizontalPodAutoscaler>::all(client.clone()), owned())
-    .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned());
-    let store = controller.store();
-    controller
-        .graceful_shutdown_on(wait_for(stop))
-        .run(controller::reconcile, controller::error_policy, ctx)
-        .for_each(|result| {
-            metrics
-                .managed
-                .set(i64::try_from(store.state().len()).unwrap_or(i64::MAX));
-            if let Err(e) = result {
-                // Reconcile errors are already logged by the error policy; these are watch and
-                // queue errors, retried by the runtime.
-                warn!(error = %e, "controller event");
-            }
-            futures::future::ready(())
-        })
-        .await;
-}
-
-/// Waits until this replica holds the Lease. Returns false if asked to stop first.
-async fn acquire(elector: &LeaderElector, mut stop: watch::Receiver<bool>) -> bool {
-    loop {
-        match elector.try_acquire_or_renew(Timestamp::now()).await {
-            Ok(true) => return true,
-            Ok(false) => {}
-            Err(e) => warn!(error = %e, "leader election attempt failed"),
-        }
-        tokio::select! {
-            () = tokio::time::sleep(elector.renew_interval()) => {}
-            _ = stop.changed() => return false,
-        }
-    }
-}
-
-/// Renews the Lease; if renewal has not succeeded for most of the Lease duration, stops the
-/// controller before another replica may legitimately take over.
-async fn keep_leadership(
-    elector: LeaderElector,
-    lease_duration: Duration,
-    stop: watch::Sender<bool>,
-) {
-    let mut last_renewed = tokio::time::Instant::now();
-    let deadline = lease_duration.mul_f32(2.0 / 3.0);
-    loop {
-        tokio::time::sleep(elector.renew_interval()).await;
-        if *stop.borrow() {
-            return;
-        }
-        // A hung request must not outlive the lease: bound each attempt by the renew interval.
-        let attempt = tokio::time::timeout(
-            elector.renew_interval(),
-            elector.try_acquire_or_renew(Timestamp::now()),
-        );
-        match attempt.await {
-            Ok(Ok(true)) => last_renewed = tokio::time::Instant::now(),
-            Ok(Ok(false)) => {
-                error!("lost the leader lease to another replica; stopping");
-                let _ = stop.send(true);
-                return;
-            }
-            Ok(Err(e)) => warn!(error = %e, "lease renewal failed"),
-            Err(_) => warn!("lease renewal timed out"),
-        }
-        if last_renewed.elapsed() > deadline {
-            error!("could not renew the leader lease in time; stopping");
-            let _ = stop.send(true);
-            return;
-        }
-    }
 }
 
 async fn wait_for(mut stop: watch::Receiver<bool>) {

@@ -1052,3 +1052,107 @@ async fn the_chart_rbac_grants_exactly_the_permissions_the_operator_uses() {
         "the chart grants permissions the operator never uses: {unused:?}"
     );
 }
+
+mod leadership {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::time::Duration;
+    use tokio::sync::watch;
+    use wsgate_operator::leader::{Clock, LeaderElector};
+
+    /// A wall clock the test moves by hand, starting at a fixed instant.
+    fn manual_clock() -> (Clock, Arc<AtomicI64>) {
+        let offset = Arc::new(AtomicI64::new(0));
+        let o = offset.clone();
+        let base = Timestamp::from_second(1_800_000_000).expect("time");
+        let clock: Clock =
+            Arc::new(move || base + SignedDuration::from_secs(o.load(Ordering::SeqCst)));
+        (clock, offset)
+    }
+
+    fn elector(world: &World, who: &str, clock: &Clock) -> LeaderElector {
+        let leases = Api::<Lease>::namespaced(world.operator_client.clone(), "wsgate-system");
+        LeaderElector::new(leases, "wsgate-operator", who, Duration::from_secs(15))
+            .with_clock(clock.clone())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_loses_its_lease_stops_reconciling() {
+        let world = World::new(WsClusterSpec::default()).await;
+        let (clock, offset) = manual_clock();
+        let a = elector(&world, "pod-a", &clock);
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        assert!(a.acquire(stop_rx.clone()).await);
+        let renewing = tokio::spawn({
+            let a = a.clone();
+            async move { a.keep_leadership(stop_tx).await }
+        });
+
+        // Another replica takes the Lease over (as if a's renewals had not reached the API).
+        offset.store(30, Ordering::SeqCst);
+        let b = elector(&world, "pod-b", &clock);
+        let leases = Api::<Lease>::namespaced(world.client.clone(), "wsgate-system");
+        let mut lease = leases.get("wsgate-operator").await.expect("lease");
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                Timestamp::from_second(1_800_000_000).expect("time"),
+            ));
+        }
+        leases
+            .replace("wsgate-operator", &PostParams::default(), &lease)
+            .await
+            .expect("expire");
+        assert!(b.try_acquire_or_renew(clock()).await.expect("b takes over"));
+
+        stop_rx.changed().await.expect("a signals stop");
+        assert!(
+            *stop_rx.borrow(),
+            "a stops its controller once b holds the lease"
+        );
+        renewing.await.expect("renewal loop ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_cannot_renew_steps_down_before_its_lease_expires() {
+        let world = World::new(WsClusterSpec::default()).await;
+        let (clock, _) = manual_clock();
+        let a = elector(&world, "pod-a", &clock);
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        assert!(a.acquire(stop_rx.clone()).await);
+        *world.fail_writes.lock().expect("lock") = Some(503);
+        let started = tokio::time::Instant::now();
+        let renewing = tokio::spawn({
+            let a = a.clone();
+            async move { a.keep_leadership(stop_tx).await }
+        });
+        stop_rx.changed().await.expect("stop");
+        assert!(*stop_rx.borrow());
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "stepped down after {:?}, before the 15 s lease ran out",
+            started.elapsed()
+        );
+        renewing.await.expect("renewal loop ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_waits_for_the_lease_and_gives_up_when_asked_to_stop() {
+        let world = World::new(WsClusterSpec::default()).await;
+        let (clock, _) = manual_clock();
+        assert!(
+            elector(&world, "pod-a", &clock)
+                .try_acquire_or_renew(clock())
+                .await
+                .expect("a")
+        );
+        let b = elector(&world, "pod-b", &clock);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let waiting = tokio::spawn(async move { b.acquire(stop_rx).await });
+        tokio::time::sleep(Duration::from_secs(60)).await; // b keeps following a valid lease
+        assert!(!waiting.is_finished());
+        stop_tx.send(true).expect("send stop");
+        assert!(!waiting.await.expect("join"), "b never became leader");
+    }
+}
