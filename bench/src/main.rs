@@ -1,1 +1,142 @@
-fn main() {}
+//! `wsgate-bench`: load generator and benchmark scenarios for wsgate.
+//!
+//! Components:
+//! - [`cli`]: subcommands (one per scenario) and the shared deployment options.
+//! - [`deployment`]: the gateways to talk to, from `--target`/`--api` (loopback only) or
+//!   started by [`spawn`] (`--spawn N`: free ports, log-line discovery, killed on exit).
+//! - [`client`]: connect, join with an ack id, the payload `"<run> <seq> <unix_nanos> "`.
+//! - [`fanout`] and [`search`]: subscribers, a paced HTTP publisher, loss, duplicates and
+//!   latency histograms; the search for the highest sustained rate.
+//! - [`idle`] and [`connect`]: many joined connections: memory per connection, connect rate.
+//! - [`procfs`]: CPU time, RSS and open-file limits from `/proc`; [`resp`]: a tiny Redis
+//!   client for channel counts and `used_memory`; [`report`]: tables and JSON lines.
+//!
+//! The bench is an application whose every error ends the run with a message, so errors are
+//! `anyhow` throughout.
+
+mod cli;
+mod client;
+mod connect;
+mod deployment;
+mod fanout;
+mod idle;
+mod procfs;
+mod report;
+mod resp;
+mod search;
+mod spawn;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use clap::Parser;
+
+use cli::{Cli, Common, Scenario};
+use deployment::Deployment;
+use report::Output;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Tens of thousands of sockets: take the whole hard limit (spawned gateways inherit it).
+    let nofile = procfs::raise_nofile();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wsgate-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        // Ctrl-C or SIGTERM drops the scenario future, and with it every spawned process.
+        tokio::select! {
+            r = run(cli, nofile) => r,
+            s = interrupted() => Err(anyhow!("interrupted by {s}")),
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsgate-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn interrupted() -> &'static str {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+fn common(s: &Scenario) -> &Common {
+    match s {
+        Scenario::Fanout { common, .. }
+        | Scenario::Search { common, .. }
+        | Scenario::Idle { common, .. }
+        | Scenario::Connect { common, .. } => common,
+    }
+}
+
+/// Connections the bench itself holds at most.
+fn connections_needed(s: &Scenario) -> usize {
+    match s {
+        Scenario::Fanout { load, .. } => load.subscribers + load.shape.publishers.unwrap_or(64),
+        Scenario::Search { load, .. } => load.subscribers + load.shape.publishers.unwrap_or(64),
+        Scenario::Idle { load, .. } => load.connections,
+        Scenario::Connect { load, .. } => load.connections,
+    }
+}
+
+async fn run(cli: Cli, nofile: u64) -> Result<()> {
+    let common = common(&cli.scenario).clone();
+    let needed = connections_needed(&cli.scenario) as u64 + 64;
+    if needed > nofile {
+        return Err(anyhow!(
+            "this run needs about {needed} file descriptors but the limit is {nofile}; raise the \
+             hard limit (`ulimit -Hn`, or run as root with a higher `ulimit -n`)"
+        ));
+    }
+    let limit = Duration::from_secs(common.duration_limit);
+    let dep = Deployment::open(&common).await?;
+    let out = Output { json: common.json };
+    let concurrency = common.concurrency;
+    let scenario = async {
+        match &cli.scenario {
+            Scenario::Fanout { load, .. } => {
+                fanout::fanout(&dep, load, concurrency, out).await.map(drop)
+            }
+            Scenario::Search { load, .. } => {
+                search::search(&dep, load, concurrency, out).await.map(drop)
+            }
+            Scenario::Idle { load, .. } => idle::idle(&dep, load, concurrency, out).await.map(drop),
+            Scenario::Connect { load, .. } => connect::connect(&dep, load, concurrency, out)
+                .await
+                .map(drop),
+        }
+    };
+    let result = match tokio::time::timeout(limit, scenario).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow!(
+            "the scenario ran longer than --duration-limit {}s",
+            common.duration_limit
+        )),
+    };
+    if dep.spawned() {
+        eprintln!("[spawn] stopping what was started");
+    }
+    dep.close().await;
+    result
+}
