@@ -108,7 +108,12 @@ impl ProcessGateway {
     /// Spawns the given `wsgate` binary.
     pub async fn spawn_bin(bin: &str, extra: &[&str]) -> Self {
         let mut child = tokio::process::Command::new(bin)
-            .args(["--listen", "127.0.0.1:0", "--log", "info"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--log",
+                &std::env::var("WSGATE_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+            ])
             .args(extra)
             .env_clear()
             .stdin(Stdio::null())
@@ -132,7 +137,15 @@ impl ProcessGateway {
         .await
         .expect("wsgate did not start listening");
         // Keep draining stderr so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // (Set WSGATE_TEST_LOG=1 to see the gateways' logs.)
+        let echo = std::env::var_os("WSGATE_TEST_LOG").is_some();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if echo {
+                    eprintln!("[wsgate {pid}] {line}");
+                }
+            }
+        });
         Self { addr, child, pid }
     }
 

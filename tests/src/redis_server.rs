@@ -64,6 +64,7 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(10));
         }
         let _ = child.kill();
+        let _ = child.wait();
         None
     }
 

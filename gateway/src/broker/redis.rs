@@ -37,7 +37,7 @@ pub const SUBSCRIBE_ATTEMPTS: u32 = 3;
 const FAILED_RETRY: Duration = Duration::from_secs(5);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_CAP: Duration = Duration::from_secs(1);
+const BACKOFF_CAP: Duration = Duration::from_millis(500);
 
 /// Settings of the Redis broker.
 #[derive(Debug, Clone)]
@@ -436,6 +436,13 @@ impl Inner {
         if self.stopped.load(Ordering::Acquire) {
             return Err(BrokerError::Stopped);
         }
+        // While this instance cannot receive, its own subscribers would miss the message:
+        // refuse rather than answer success for something that is not delivered.
+        if !self.up.load(Ordering::Acquire) {
+            return Err(BrokerError::Unavailable(
+                "not connected to Redis (reconnecting)".into(),
+            ));
+        }
         let mut conn = self.publisher().await?;
         let result: Result<i64, RedisError> = tokio::time::timeout(
             self.timeout,
@@ -447,7 +454,10 @@ impl Inner {
         .await
         .unwrap_or_else(|_| Err(timeout_error()));
         match result {
-            Ok(_) => Ok(()),
+            Ok(receivers) => {
+                tracing::trace!(%channel, receivers, "published");
+                Ok(())
+            }
             Err(e) => {
                 // Any failure may leave the connection unusable: start fresh next time.
                 self.publisher.lock().await.take();
