@@ -96,7 +96,7 @@ pub struct Common {
     #[arg(long, default_value = "/ws", value_name = "PATH")]
     pub ws_path: String,
     /// How many connections are being opened at once while setting up.
-    #[arg(long, default_value_t = 200, value_name = "N")]
+    #[arg(long, default_value_t = 100, value_name = "N")]
     pub concurrency: usize,
     /// Stop (with an error) when the whole scenario takes longer than this.
     #[arg(long, default_value_t = 300, value_name = "SECS")]

@@ -137,6 +137,9 @@ pub struct ConnectReport {
     /// Connect + handshake + acknowledged join, per connection.
     pub latency: Latency,
     pub per_replica: Vec<u64>,
+    /// Machine-wide listen-queue overflows during the run (SYNs dropped by a full accept
+    /// queue: those clients waited for a retransmission).
+    pub listen_overflows: Option<u64>,
     pub cpu: Vec<CpuUse>,
 }
 
@@ -169,6 +172,13 @@ impl ConnectReport {
             report::us(self.latency.p99_us),
             report::us(self.latency.max_us)
         );
+        if let Some(n) = self.listen_overflows.filter(|&n| n > 0) {
+            let _ = writeln!(
+                o,
+                "  {n} listen-queue overflows on this machine during the run: those SYNs were \
+                 dropped and retried after 1 s (see docs/performance.md)"
+            );
+        }
         report::cpu_table(&mut o, &self.cpu, "conn");
         o
     }
@@ -193,9 +203,13 @@ pub async fn connect(
         t,
     )?);
     dep.warn_fd_limits(args.connections.div_ceil(dep.replicas.len()));
+    let overflows_before = procfs::listen_overflows();
     let before = CpuSnapshot::take(&dep.processes);
     let opened = open_joined(dep, args.connections, topics, concurrency, "connect").await?;
     let after = CpuSnapshot::take(&dep.processes);
+    let listen_overflows = procfs::listen_overflows()
+        .zip(overflows_before)
+        .map(|(a, b)| a.saturating_sub(b));
     let ok = opened.conns.len() as u64;
     let elapsed = opened.elapsed.as_secs_f64().max(1e-9);
     let report = ConnectReport {
@@ -211,6 +225,7 @@ pub async fn connect(
         per_sec: ok as f64 / elapsed,
         latency: Latency::of(&opened.latency),
         per_replica: opened.per_replica.clone(),
+        listen_overflows,
         cpu: procfs::cpu_use(&dep.processes, &before, &after, ok),
     };
     drop(opened);

@@ -125,6 +125,22 @@ pub fn raise_nofile() -> u64 {
     }
 }
 
+/// The machine-wide count of connections dropped because a listen queue was full
+/// (`TcpExt: ListenOverflows`); a rising count during a connect storm means SYNs were
+/// dropped and clients waited for a retransmission (1 s, then 3 s).
+pub fn listen_overflows() -> Option<u64> {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    netstat_field(&netstat, "TcpExt:", "ListenOverflows")
+}
+
+fn netstat_field(netstat: &str, section: &str, name: &str) -> Option<u64> {
+    let mut lines = netstat.lines().filter(|l| l.starts_with(section));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let at = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 /// CPU ticks of every watched process at one moment (None: unreadable).
 #[derive(Debug, Clone)]
 pub struct CpuSnapshot(Vec<Option<u64>>);
@@ -214,6 +230,18 @@ mod tests {
         let status = "Name:\twsgate\nVmPeak:\t  9999 kB\nVmRSS:\t    2048 kB\nThreads:\t3\n";
         assert_eq!(parse_vm_rss(status), Some(2 * 1024 * 1024));
         assert_eq!(parse_vm_rss("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn netstat_counters_are_found_by_name() {
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\n\
+                       TcpExt: 0 70 71\n\
+                       IpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(
+            netstat_field(netstat, "TcpExt:", "ListenOverflows"),
+            Some(70)
+        );
+        assert_eq!(netstat_field(netstat, "TcpExt:", "Nope"), None);
     }
 
     #[test]

@@ -136,13 +136,10 @@ pub async fn read_reply<R: AsyncBufRead + Unpin + Send>(r: &mut R) -> Result<Rep
     read_reply_depth(r, 0).await
 }
 
-fn read_reply_depth<'a, R: AsyncBufRead + Unpin + 'a>(
+fn read_reply_depth<'a, R: AsyncBufRead + Unpin + Send + 'a>(
     r: &'a mut R,
     depth: usize,
-) -> std::pin::Pin<Box<dyn Future<Output = Result<Reply>> + Send + 'a>>
-where
-    R: Send,
-{
+) -> std::pin::Pin<Box<dyn Future<Output = Result<Reply>> + Send + 'a>> {
     Box::pin(async move {
         if depth > 8 {
             bail!("redis: reply nested too deeply");
