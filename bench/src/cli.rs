@@ -95,7 +95,8 @@ pub struct Common {
     /// WebSocket path used when a target URL has none, and for spawned gateways.
     #[arg(long, default_value = "/ws", value_name = "PATH")]
     pub ws_path: String,
-    /// How many connections are being opened at once while setting up.
+    /// How many connections are being opened at once while setting up (above a gateway's
+    /// listen backlog — 128 with tokio's default — SYNs get dropped and retried after 1 s).
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub concurrency: usize,
     /// Stop (with an error) when the whole scenario takes longer than this.

@@ -239,7 +239,7 @@ impl Session {
 
         let workers = shape
             .publishers
-            .unwrap_or_else(|| ((rate / 50.0).ceil() as usize).clamp(2, 64))
+            .unwrap_or_else(|| ((rate / 50.0).ceil() as usize).clamp(2, 128))
             .max(1);
         let publisher = Publisher {
             api: dep.api.clone(),
