@@ -128,6 +128,41 @@ async fn idle_and_connect_count_their_joined_connections() {
     gw.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_stops_at_the_max_rate_when_every_step_passes() {
+    let gw = InProcess::start().await;
+    let target = format!("ws://{}", gw.addr);
+    let out = bench(&[
+        "search",
+        "--target",
+        &target,
+        "-c",
+        "5",
+        "--start-rate",
+        "50",
+        "--max-rate",
+        "100",
+        "--step-secs",
+        "0.5",
+    ])
+    .await;
+    let v = result(&out);
+    assert_eq!(v["scenario"], "search");
+    assert_eq!(v["steps"].as_array().unwrap().len(), 2);
+    assert_eq!(v["sustained_rate"], 100.0);
+    assert_eq!(v["reached_max_rate"], true);
+    // One fanout line per step precedes the summary.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let runs: Vec<Value> = stdout
+        .lines()
+        .filter(|l| l.contains("\"scenario\":\"fanout\""))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(runs.len(), 2);
+    assert!(runs.iter().all(|r| r["lost"] == 0 && r["stale"] == 0));
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn targets_off_this_machine_are_refused() {
     let out = bench(&["connect", "--target", "ws://10.1.2.3:8080", "-n", "1"]).await;
