@@ -155,7 +155,7 @@ pub struct Shape {
     /// Message size in bytes (the "<run> <seq> <unix_nanos> " header, padded).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
-    /// Topics: subscriber i joins topic i mod T, message n goes to topic n mod T.
+    /// Topics: subscriber i joins topic (i / replicas) mod T, message n goes to topic n mod T.
     #[arg(long, default_value_t = 1)]
     pub topics: usize,
     /// Topic name (with --topics > 1: prefix, suffixed with -0, -1, …); default bench-<pid>.
