@@ -103,6 +103,13 @@ fn connections_needed(s: &Scenario) -> usize {
 async fn run(cli: Cli, nofile: u64) -> Result<()> {
     let common = common(&cli.scenario).clone();
     let needed = connections_needed(&cli.scenario) as u64 + 64;
+    // Past the hard limit, only a privileged process can go further; spawned gateways
+    // inherit whatever is reached here.
+    let nofile = if needed > nofile {
+        procfs::raise_nofile_to(needed)
+    } else {
+        nofile
+    };
     if needed > nofile {
         return Err(anyhow!(
             "this run needs about {needed} file descriptors but the limit is {nofile}; raise the \

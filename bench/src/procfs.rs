@@ -141,6 +141,15 @@ fn netstat_field(netstat: &str, section: &str, name: &str) -> Option<u64> {
     values.split_whitespace().nth(at)?.parse().ok()
 }
 
+/// Raises both open-file limits to `needed` (works as root, or below the hard limit);
+/// returns the soft limit in force afterwards.
+pub fn raise_nofile_to(needed: u64) -> u64 {
+    if let Ok((_, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, needed, needed.max(hard));
+    }
+    rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft)
+}
+
 /// CPU ticks of every watched process at one moment (None: unreadable).
 #[derive(Debug, Clone)]
 pub struct CpuSnapshot(Vec<Option<u64>>);
