@@ -235,7 +235,12 @@ impl Session {
         *lock(&self.shared.current) = Some(run.clone());
         let stale_before = self.shared.stale.load(Ordering::Relaxed);
         let foreign_before = self.shared.foreign.load(Ordering::Relaxed);
-        let closed_before = self.closed();
+        let closed_before: Vec<u64> = self
+            .shared
+            .closed
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
 
         let workers = shape
             .publishers
@@ -321,7 +326,7 @@ impl Session {
             Counters {
                 stale: self.shared.stale.load(Ordering::Relaxed) - stale_before,
                 foreign: self.shared.foreign.load(Ordering::Relaxed) - foreign_before,
-                closed: self.closed() - closed_before,
+                closed_before,
             },
         ))
     }
@@ -369,10 +374,12 @@ impl Session {
                 received,
                 lost: expected[i].saturating_sub(received),
                 duplicates: r.duplicates.load(Ordering::Relaxed),
-                closed: self.shared.closed[i].load(Ordering::Relaxed),
+                closed: self.shared.closed[i].load(Ordering::Relaxed)
+                    - counters.closed_before.get(i).copied().unwrap_or(0),
                 latency: Latency::of(&h),
             });
         }
+        let per_replica_closed = per_replica.iter().map(|r| r.closed).sum();
         let expected_total: u64 = expected.iter().sum();
         let received = run.received();
         let lost = expected_total.saturating_sub(received);
@@ -421,7 +428,7 @@ impl Session {
                 .sum(),
             stale: counters.stale,
             foreign: counters.foreign,
-            closed_subscribers: counters.closed,
+            closed_subscribers: per_replica_closed,
             elapsed_secs: elapsed,
             deliveries_per_sec: received as f64 / elapsed,
             latency: Latency::of(&all),
@@ -443,7 +450,8 @@ impl Drop for Session {
 struct Counters {
     stale: u64,
     foreign: u64,
-    closed: u64,
+    /// Closed subscribers per replica when the run started.
+    closed_before: Vec<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

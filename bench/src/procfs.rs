@@ -31,14 +31,21 @@ impl Role {
 }
 
 impl Watched {
-    /// A process given with `--pid`, named after its `comm`.
+    /// A process given with `--pid`, named after its `comm`; a `redis-server` is marked as
+    /// Redis, anything else counts as a gateway.
     pub fn external(pid: u32) -> Result<Self> {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .with_context(|| format!("--pid {pid}: no such process"))?;
+        let comm = comm.trim();
         Ok(Self {
-            name: format!("{} ({pid})", comm.trim()),
+            name: format!("{comm} ({pid})"),
             pid,
-            role: Role::Other,
+            // redis-server is kept apart from the gateways in the idle memory sums.
+            role: if comm.starts_with("redis-server") {
+                Role::Redis
+            } else {
+                Role::Other
+            },
         })
     }
 
