@@ -384,11 +384,18 @@ impl Session {
         let received = run.received();
         let lost = expected_total.saturating_sub(received);
         let published = stats.ok_per_topic.iter().sum::<u64>();
-        let achieved = if published + stats.failed > 1 && stats.last_start > 0.0 {
-            (published + stats.failed - 1) as f64 / stats.last_start
+        let attempts = published + stats.failed;
+        let achieved = if attempts > 1 && stats.last_start > 0.0 {
+            (attempts - 1) as f64 / stats.last_start
         } else {
             rate
         };
+        // The rate is kept when the last message left at most 3 % of the run late (50 ms for
+        // short runs): a publisher that cannot keep up falls further behind with every message,
+        // while a brief stall of the machine does not fail a run.
+        let scheduled = attempts.saturating_sub(1) as f64 / rate;
+        let final_lag = (stats.last_start - scheduled).max(0.0);
+        let kept_rate = stats.failed == 0 && final_lag <= (0.03 * scheduled).max(0.05);
         let server_cpu = cpu
             .iter()
             .find(|c| c.name == "servers total")
@@ -410,7 +417,7 @@ impl Session {
             publish_failed: stats.failed,
             publish_error: stats.first_error,
             achieved_rate: achieved,
-            kept_rate: stats.failed == 0 && achieved >= rate * 0.97,
+            kept_rate,
             max_publish_lag_ms: stats.max_lag.as_secs_f64() * 1e3,
             publish_http: Latency::of(&stats.http),
             expected: expected_total,
