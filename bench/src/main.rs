@@ -51,7 +51,8 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        // Ctrl-C or SIGTERM drops the scenario future, and with it every spawned process.
+        // Ctrl-C, SIGTERM or SIGHUP drops the scenario future, and with it every spawned
+        // process.
         tokio::select! {
             r = run(cli, nofile) => r,
             s = interrupted() => Err(anyhow!("interrupted by {s}")),
@@ -68,16 +69,20 @@ fn main() -> ExitCode {
 }
 
 async fn interrupted() -> &'static str {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return "SIGINT";
+    use tokio::signal::unix::{SignalKind, signal};
+    // A signal whose handler cannot be installed simply never fires here.
+    let wait = |kind: SignalKind| async move {
+        match signal(kind) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
         }
     };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
+        () = wait(SignalKind::terminate()) => "SIGTERM",
+        () = wait(SignalKind::hangup()) => "SIGHUP",
     }
 }
 
@@ -134,12 +139,17 @@ async fn run(cli: Cli, nofile: u64) -> Result<()> {
                 .map(drop),
         }
     };
-    let result = match tokio::time::timeout(limit, scenario).await {
-        Ok(r) => r,
-        Err(_) => Err(anyhow!(
-            "the scenario ran longer than --duration-limit {}s",
-            common.duration_limit
-        )),
+    // A signal during the scenario still goes through `close`, which kills and reaps the
+    // children; during start-up, the select in `main` drops everything instead.
+    let result = tokio::select! {
+        r = tokio::time::timeout(limit, scenario) => match r {
+            Ok(r) => r,
+            Err(_) => Err(anyhow!(
+                "the scenario ran longer than --duration-limit {}s",
+                common.duration_limit
+            )),
+        },
+        s = interrupted() => Err(anyhow!("interrupted by {s}")),
     };
     if dep.spawned() {
         eprintln!("[spawn] stopping what was started");
