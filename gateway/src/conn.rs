@@ -108,13 +108,23 @@ pub async fn serve_upgraded(hub: Hub, on_upgrade: OnUpgrade, slot: Slot, setting
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (r, w) = parts.io.into_inner().into_split();
-            run(hub, TcpReader(r), w, parts.read_buf, slot, settings).await;
+            let writer = Writer::Tcp(Arc::new(w));
+            run(hub, TcpReader(r), writer, parts.read_buf, slot, settings).await;
         }
         Err(upgraded) => {
             let (r, w) = tokio::io::split(TokioIo::new(upgraded));
-            run(hub, GenericReader(r), w, Bytes::new(), slot, settings).await;
+            let writer = Writer::Generic(Box::new(w));
+            run(hub, GenericReader(r), writer, Bytes::new(), slot, settings).await;
         }
     }
+}
+
+/// Where the writer puts bytes.
+enum Writer {
+    /// A TCP socket, shared with the outbox for direct writes.
+    Tcp(Arc<tokio::net::tcp::OwnedWriteHalf>),
+    /// Any other stream (an embedder's server may wrap the socket).
+    Generic(Box<dyn AsyncWrite + Unpin + Send>),
 }
 
 /// Where the reader gets bytes from.
@@ -136,7 +146,13 @@ impl ReadSource for TcpReader {
             buf.reserve(READ_CHUNK);
             match self.0.try_read_buf(buf) {
                 Ok(n) => return Ok(n),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // Stale readiness: don't keep the buffer while waiting for real data.
+                    if buf.is_empty() {
+                        *buf = BytesMut::new();
+                    }
+                    continue;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -187,22 +203,30 @@ impl RateLimit {
     }
 }
 
-async fn run<R, W>(
+async fn run<R>(
     hub: Hub,
     mut reader: R,
-    writer: W,
+    writer: Writer,
     leftover: Bytes,
     slot: Slot,
     settings: ConnSettings,
 ) where
     R: ReadSource,
-    W: AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = hub.register();
+    let socket = match &writer {
+        Writer::Tcp(socket) => Some(socket.clone()),
+        Writer::Generic(_) => None,
+    };
+    let conn = hub.register(socket);
     let writer_task = tokio::spawn({
         let conn = conn.clone();
         let metrics = hub.metrics().clone();
-        async move { conn.outbox.run_writer(writer, &metrics).await }
+        async move {
+            match writer {
+                Writer::Tcp(socket) => conn.outbox.run_tcp_writer(socket, &metrics).await,
+                Writer::Generic(w) => conn.outbox.run_writer(w, &metrics).await,
+            }
+        }
     });
 
     let mut session = Session {
@@ -212,7 +236,10 @@ async fn run<R, W>(
         rate: RateLimit::new(settings.max_inbound_rate),
         settings,
     };
+    // Copy what the HTTP layer read past the upgrade request, and let go of its buffer: the
+    // `Bytes` may pin hyper's whole read buffer for the life of the connection.
     let mut buf = BytesMut::from(&leftover[..]);
+    drop(leftover);
     'outer: loop {
         // Handle everything already buffered before waiting for more.
         loop {

@@ -181,12 +181,13 @@ impl Hub {
     }
 
     /// Registers a new connection under a fresh socket id, subscribed to the broadcast channel
-    /// and its own direct channel, and queues its `session` envelope.
-    pub fn register(&self) -> Arc<Conn> {
+    /// and its own direct channel, and sends its `session` envelope. With `socket`, frames
+    /// are written to it directly whenever nothing is queued.
+    pub fn register(&self, socket: Option<Arc<tokio::net::tcp::OwnedWriteHalf>>) -> Arc<Conn> {
         let id = SocketId::generate();
         let conn = Arc::new(Conn {
             id,
-            outbox: Outbox::new(),
+            outbox: Outbox::with_socket(socket),
             topics: Mutex::default(),
             last_seen: AtomicU64::new(self.now_ms()),
         });

@@ -65,14 +65,14 @@ fn init_logging(config: &Config) {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     use anyhow::Context;
-    let listener = TcpListener::bind(config.listen).await.with_context(|| {
+    let listener = bind(config.listen).with_context(|| {
         format!(
             "cannot listen on {} (--listen / WSGATE_LISTEN)",
             config.listen
         )
     })?;
     let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+        Some(addr) => Some(bind(addr).with_context(|| {
             format!("cannot listen on {addr} (--metrics-listen / WSGATE_METRICS_LISTEN)")
         })?),
         None => None,
@@ -88,6 +88,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
     serve_gateway(gateway, listener, metrics_listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Accept-queue length: a burst of connections (a reconnect storm after another replica
+/// drained) must not overflow it, or clients wait a full SYN retry (1 s) to get in. The kernel
+/// caps it at net.core.somaxconn.
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn shutdown_signal() {

@@ -12,7 +12,7 @@
 //! dropped and a fresh one resubscribes the wanted set in batches: Redis forgets a closed
 //! connection's subscriptions, so nothing is orphaned and nothing is missed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -64,9 +64,20 @@ struct ChanState {
     waiters: Vec<oneshot::Sender<Result<(), BrokerError>>>,
 }
 
+impl ChanState {
+    /// Nothing left to track: not wanted, not subscribed, nobody waiting.
+    fn is_idle(&self) -> bool {
+        !self.wanted && !self.active && self.waiters.is_empty()
+    }
+}
+
 #[derive(Default)]
 struct State {
     channels: HashMap<String, ChanState>,
+    /// Channels changed since the last sync pass.
+    dirty: HashSet<String>,
+    /// Channels with `active` set.
+    active: usize,
     sink: Option<Arc<dyn Sink>>,
 }
 
@@ -213,31 +224,43 @@ impl Inner {
         let mut st = lock(&self.state);
         st.channels.retain(|_, c| {
             c.active = false;
+            c.waiters.retain(|w| !w.is_closed());
             c.wanted || !c.waiters.is_empty()
         });
+        st.active = 0;
         self.metrics.channels.set(0);
     }
 
-    fn active_count(st: &State) -> i64 {
-        st.channels.values().filter(|c| c.active).count() as i64
-    }
-
-    /// Converges Redis to the wanted set. `Err` means the connection is unusable.
-    async fn sync(&self, sink: &mut PubSubSink, retry_failed: bool) -> Result<(), RedisError> {
+    /// Converges Redis to the wanted set. With `full`, every channel is considered (after a
+    /// reconnect, or to retry failed ones); otherwise only channels changed since the last
+    /// pass, so a burst of joins costs work in proportion to the burst, not to all channels.
+    /// `Err` means the connection is unusable.
+    async fn sync(&self, sink: &mut PubSubSink, full: bool) -> Result<(), RedisError> {
+        let mut full = full;
         loop {
             let (subscribe, unsubscribe) = {
-                let st = lock(&self.state);
+                let mut st = lock(&self.state);
+                let names: Vec<String> = if full {
+                    st.dirty.clear();
+                    st.channels.keys().cloned().collect()
+                } else {
+                    st.dirty.drain().collect()
+                };
                 let mut sub = Vec::new();
                 let mut unsub = Vec::new();
-                for (name, c) in &st.channels {
-                    if c.wanted && !c.active && (retry_failed || !c.failed) {
-                        sub.push(name.clone());
+                for name in names {
+                    let Some(c) = st.channels.get(&name) else {
+                        continue;
+                    };
+                    if c.wanted && !c.active && (full || !c.failed) {
+                        sub.push(name);
                     } else if !c.wanted && c.active {
-                        unsub.push(name.clone());
+                        unsub.push(name);
                     }
                 }
                 (sub, unsub)
             };
+            full = false;
             if subscribe.is_empty() && unsubscribe.is_empty() {
                 return Ok(());
             }
@@ -247,24 +270,20 @@ impl Inner {
                     .map_err(|_| timeout_error())??;
                 let mut st = lock(&self.state);
                 for name in batch {
-                    if let Some(c) = st.channels.get_mut(name) {
+                    if let Some(c) = st.channels.get_mut(name)
+                        && c.active
+                    {
                         c.active = false;
+                        st.active -= 1;
+                    }
+                    if st.channels.get(name).is_some_and(ChanState::is_idle) {
+                        st.channels.remove(name);
                     }
                 }
-                st.channels
-                    .retain(|_, c| c.wanted || c.active || !c.waiters.is_empty());
-                self.metrics.channels.set(Self::active_count(&st));
+                self.metrics.channels.set(st.active as i64);
             }
             for batch in subscribe.chunks(BATCH) {
                 self.subscribe_batch(sink, batch).await?;
-            }
-            if subscribe
-                .iter()
-                .all(|n| lock(&self.state).channels.get(n).is_some_and(|c| c.failed))
-                && unsubscribe.is_empty()
-            {
-                // Only failures left: wait for the next trigger rather than spinning.
-                return Ok(());
             }
         }
     }
@@ -280,16 +299,25 @@ impl Inner {
                 Err(_) => return Err(timeout_error()),
                 Ok(Ok(())) => {
                     let mut st = lock(&self.state);
+                    let mut activated = 0;
                     for name in batch {
                         if let Some(c) = st.channels.get_mut(name) {
-                            c.active = true;
+                            if !c.active {
+                                c.active = true;
+                                activated += 1;
+                            }
                             c.failed = false;
                             for w in c.waiters.drain(..) {
                                 let _ = w.send(Ok(()));
                             }
+                            // Left while we subscribed: the next pass unsubscribes it.
+                            if !c.wanted {
+                                st.dirty.insert(name.clone());
+                            }
                         }
                     }
-                    self.metrics.channels.set(Self::active_count(&st));
+                    st.active += activated;
+                    self.metrics.channels.set(st.active as i64);
                     return Ok(());
                 }
                 Ok(Err(e)) if is_connection_error(&e) => return Err(e),
@@ -518,9 +546,10 @@ impl Broker for RedisBroker {
     fn channel_added(&self, channel: &Channel) {
         let name = self.inner.channel_name(channel);
         let mut st = lock(&self.inner.state);
-        let c = st.channels.entry(name).or_default();
+        let c = st.channels.entry(name.clone()).or_default();
         c.wanted = true;
         c.failed = false;
+        st.dirty.insert(name);
         drop(st);
         self.inner.wake.notify_one();
     }
@@ -530,8 +559,11 @@ impl Broker for RedisBroker {
         let mut st = lock(&self.inner.state);
         if let Some(c) = st.channels.get_mut(&name) {
             c.wanted = false;
-            if !c.active && c.waiters.is_empty() {
+            c.waiters.retain(|w| !w.is_closed());
+            if c.is_idle() {
                 st.channels.remove(&name);
+            } else {
+                st.dirty.insert(name);
             }
         }
         drop(st);
@@ -579,7 +611,7 @@ impl Broker for RedisBroker {
 
     fn stats(&self) -> serde_json::Value {
         let st = lock(&self.inner.state);
-        let active = st.channels.values().filter(|c| c.active).count();
+        let active = st.active;
         let wanted = st.channels.values().filter(|c| c.wanted).count();
         let failed = st.channels.values().filter(|c| c.failed).count();
         json!({
