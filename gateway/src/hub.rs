@@ -24,10 +24,13 @@ use crate::broker::{Broker, BrokerError, Message, Sink};
 use crate::error::ClientError;
 use crate::frame;
 use crate::metrics::{CloseReason, Metrics};
-use crate::outbox::{Kind, Outbox, Push, QueueLimits};
+use crate::outbox::{Kind, Outbox, QueueLimits};
 use crate::types::{Channel, SocketId, Topic};
 
 const SHARDS: usize = 64;
+/// Deliveries per 10 ms that may be written directly from the delivering thread (see
+/// [`Hub::direct_fanout`]): 100,000 per second.
+const DIRECT_BUDGET: u64 = 1000;
 
 /// Per-connection limits the hub enforces.
 #[derive(Debug, Clone, Copy)]
@@ -84,6 +87,9 @@ struct Shared {
     topic_count: AtomicUsize,
     draining: AtomicBool,
     started: Instant,
+    /// Current 10 ms window and the deliveries made in it (for [`Hub::direct_fanout`]).
+    window: AtomicU64,
+    window_deliveries: AtomicU64,
     limits: HubLimits,
     broker: Arc<dyn Broker>,
     metrics: Metrics,
@@ -128,6 +134,8 @@ impl Hub {
                 topic_count: AtomicUsize::new(0),
                 draining: AtomicBool::new(false),
                 started: Instant::now(),
+                window: AtomicU64::new(0),
+                window_deliveries: AtomicU64::new(0),
                 limits,
                 broker,
                 metrics,
@@ -384,11 +392,35 @@ impl Hub {
         conn.last_seen.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    fn push(&self, conn: &Conn, frame: &Bytes) {
+    fn push(&self, conn: &Conn, frame: &Bytes, direct: bool) {
         let limits = &self.shared.limits.queue;
-        let _: Push = conn
-            .outbox
-            .push(frame.clone(), Kind::Data, limits, &self.shared.metrics);
+        let m = &self.shared.metrics;
+        if direct {
+            conn.outbox.push(frame.clone(), Kind::Data, limits, m);
+        } else {
+            conn.outbox
+                .push_batched(frame.clone(), Kind::Data, limits, m);
+        }
+    }
+
+    /// Whether a fan-out to `recipients` should write to sockets from this thread.
+    ///
+    /// Writing directly saves a task wake-up per delivery, which dominates at moderate rates;
+    /// but one thread then makes every syscall, one message at a time. Past
+    /// [`DIRECT_BUDGET`] deliveries in a 10 ms window, fan-outs go through the writer tasks
+    /// instead, which run on every core and send many messages per syscall.
+    fn direct_fanout(&self, recipients: usize) -> bool {
+        let now = self.now_ms();
+        let window = now / 10;
+        let sh = &self.shared;
+        if sh.window.load(Ordering::Relaxed) != window {
+            sh.window.store(window, Ordering::Relaxed);
+            sh.window_deliveries.store(0, Ordering::Relaxed);
+        }
+        let before = sh
+            .window_deliveries
+            .fetch_add(recipients as u64, Ordering::Relaxed);
+        before + recipients as u64 <= DIRECT_BUDGET
     }
 
     /// Sends a protocol frame (ack, error, pong) to one connection.
@@ -491,21 +523,24 @@ impl Sink for Hub {
                 let shard = read(self.topic_shard(topic));
                 if let Some(subs) = shard.get(topic) {
                     let frame = frame.encode();
+                    let direct = self.direct_fanout(subs.len());
                     for conn in subs {
-                        self.push(conn, &frame);
+                        self.push(conn, &frame, direct);
                     }
                 }
             }
             Channel::Socket(id) => {
                 if let Some(conn) = self.connection(*id) {
-                    self.push(&conn, &frame.encode());
+                    let direct = self.direct_fanout(1);
+                    self.push(&conn, &frame.encode(), direct);
                 }
             }
             Channel::Broadcast => {
                 let frame = frame.encode();
+                let direct = self.direct_fanout(self.connection_count());
                 for shard in &self.shared.conns {
                     for conn in read(shard).values() {
-                        self.push(conn, &frame);
+                        self.push(conn, &frame, direct);
                     }
                 }
             }
@@ -525,5 +560,79 @@ impl Lazy {
             Lazy::Text(b) => frame::text(b),
             Lazy::Binary(b) => frame::binary(b),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+
+    fn hub() -> Hub {
+        let m = Metrics::new();
+        let limits = HubLimits {
+            queue: QueueLimits {
+                max_messages: 10,
+                max_bytes: 1000,
+            },
+            max_topics_per_connection: 2,
+            max_connections: 1,
+        };
+        Hub::new(limits, Arc::new(MemoryBroker::new(m.broker.clone())), m)
+    }
+
+    #[test]
+    fn heavy_fanouts_switch_from_direct_writes_to_the_writer_tasks() {
+        let hub = hub();
+        // A window may be crossed between calls; within one, the budget is enforced.
+        let mut saw_batched = false;
+        for _ in 0..10 {
+            assert!(hub.direct_fanout(10) || saw_batched);
+            saw_batched |= !hub.direct_fanout(DIRECT_BUDGET as usize);
+        }
+        assert!(saw_batched);
+    }
+
+    #[test]
+    fn joins_report_first_and_last_subscriber_edges_and_enforce_the_topic_limit() {
+        let hub = hub();
+        let conn = hub.register(None);
+        let (a, b, c) = (
+            Topic::new("a").unwrap(),
+            Topic::new("b").unwrap(),
+            Topic::new("c").unwrap(),
+        );
+        assert_eq!(hub.join(&conn, &a), Ok(true));
+        assert_eq!(hub.join(&conn, &a), Ok(false));
+        assert_eq!(hub.join(&conn, &b), Ok(true));
+        assert_eq!(hub.join(&conn, &c), Err(ClientError::TooManyTopics(2)));
+        assert_eq!((hub.topic_count(), hub.subscription_count()), (2, 2));
+        // The broker saw: socket channel, broadcast, a, b.
+        assert_eq!(hub.metrics().broker.channels.get(), 4);
+        assert!(hub.leave(&conn, &a));
+        assert!(!hub.leave(&conn, &a));
+        hub.unregister(&conn);
+        assert_eq!(
+            (
+                hub.topic_count(),
+                hub.subscription_count(),
+                hub.connection_count()
+            ),
+            (0, 0, 0)
+        );
+        assert_eq!(hub.metrics().broker.channels.get(), 0);
+        // A connection that is gone cannot join again.
+        assert_eq!(hub.join(&conn, &a), Ok(false));
+        assert_eq!(hub.topic_count(), 0);
+    }
+
+    #[test]
+    fn the_connection_limit_is_enforced_by_slots() {
+        let hub = hub();
+        let first = hub.try_reserve();
+        assert!(first.is_some());
+        assert!(hub.try_reserve().is_none());
+        drop(first);
+        assert!(hub.try_reserve().is_some());
     }
 }

@@ -112,8 +112,33 @@ impl Outbox {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues a frame, enforcing `limits` for data frames.
+    /// Sends a frame: written directly when nothing is queued and the writer is idle,
+    /// otherwise queued. Enforces `limits` for data frames.
     pub fn push(&self, frame: Bytes, kind: Kind, limits: &QueueLimits, metrics: &Metrics) -> Push {
+        self.push_inner(frame, kind, limits, metrics, true)
+    }
+
+    /// Queues a frame for the writer task, never writing from the caller's thread: under a
+    /// heavy fan-out this spreads the writes over the runtime's threads and lets each writer
+    /// send many messages per syscall.
+    pub fn push_batched(
+        &self,
+        frame: Bytes,
+        kind: Kind,
+        limits: &QueueLimits,
+        metrics: &Metrics,
+    ) -> Push {
+        self.push_inner(frame, kind, limits, metrics, false)
+    }
+
+    fn push_inner(
+        &self,
+        frame: Bytes,
+        kind: Kind,
+        limits: &QueueLimits,
+        metrics: &Metrics,
+        direct: bool,
+    ) -> Push {
         let mut st = self.lock();
         if st.closing.is_some() {
             drop(st);
@@ -141,7 +166,10 @@ impl Outbox {
         }
         let mut frame = frame;
         let idle = st.queue.is_empty() && !st.busy;
-        if idle && let Some(socket) = &st.direct {
+        if idle
+            && direct
+            && let Some(socket) = &st.direct
+        {
             match socket.try_write(&frame) {
                 Ok(n) if n == frame.len() => {
                     drop(st);

@@ -266,6 +266,23 @@ impl Churn {
     }
 }
 
+/// `clients` simulated clients spread over `gateways`, churning over `topics` topics with a
+/// seeded random generator (the same seed replays the same operations).
+fn simulation(clients: usize, gateways: usize, topics: usize, seed: u64) -> (Vec<Sim>, Churn) {
+    let sims = (0..clients)
+        .map(|i| Sim {
+            gw: i % gateways,
+            client: None,
+            joined: BTreeSet::new(),
+        })
+        .collect();
+    let churn = Churn {
+        rng: StdRng::seed_from_u64(seed),
+        topics: (0..topics).map(|i| format!("topic-{i}")).collect(),
+    };
+    (sims, churn)
+}
+
 fn expected_state(sims: &[Sim], n_gws: usize) -> Vec<(BTreeSet<String>, BTreeSet<String>)> {
     let mut per = vec![(BTreeSet::new(), BTreeSet::new()); n_gws];
     for s in sims {
@@ -290,17 +307,7 @@ async fn wait_local_counts(gws: &[ProcessGateway], per: &[(BTreeSet<String>, BTr
 async fn channel_bookkeeping_matches_local_subscribers_after_thousands_of_random_operations() {
     let redis = RedisServer::start();
     let gws = fleet(&redis, 2, "churn", &[]).await;
-    let mut sims: Vec<Sim> = (0..24)
-        .map(|i| Sim {
-            gw: i % 2,
-            client: None,
-            joined: BTreeSet::new(),
-        })
-        .collect();
-    let mut churn = Churn {
-        rng: StdRng::seed_from_u64(7),
-        topics: (0..12).map(|i| format!("topic-{i}")).collect(),
-    };
+    let (mut sims, mut churn) = simulation(24, 2, 12, 7);
     for _ in 0..2500 {
         churn.step(&mut sims, &gws, true).await;
     }
@@ -321,17 +328,7 @@ async fn channel_bookkeeping_matches_local_subscribers_after_thousands_of_random
 async fn frozen_redis_during_churn_leaves_no_orphaned_or_missing_channels() {
     let redis = RedisServer::start();
     let gws = fleet(&redis, 2, "frozen", &["--connect-timeout-ms", "300"]).await;
-    let mut sims: Vec<Sim> = (0..16)
-        .map(|i| Sim {
-            gw: i % 2,
-            client: None,
-            joined: BTreeSet::new(),
-        })
-        .collect();
-    let mut churn = Churn {
-        rng: StdRng::seed_from_u64(11),
-        topics: (0..10).map(|i| format!("f{i}")).collect(),
-    };
+    let (mut sims, mut churn) = simulation(16, 2, 10, 11);
     for _ in 0..300 {
         churn.step(&mut sims, &gws, true).await;
     }
