@@ -332,7 +332,15 @@ async fn frozen_redis_during_churn_leaves_no_orphaned_or_missing_channels() {
     for _ in 0..300 {
         churn.step(&mut sims, &gws, true).await;
     }
+    // A publish before the freeze opens the publisher connection...
+    gws[0]
+        .http()
+        .publish("nobody-joined", "before the freeze")
+        .await;
     redis.signal("-STOP");
+    // ... so this one is sent, but never answered: the outcome is unknown, hence 504.
+    let status = publish_status(&gws[0].http(), "nobody-joined", "while frozen").await;
+    assert_eq!(status, 504, "a publish to a frozen Redis must answer 504");
     // Churn while Redis is frozen (no acks: they could not be confirmed). The gateways must
     // keep serving local operations.
     let frozen_until = Instant::now() + Duration::from_secs(3);
