@@ -605,3 +605,46 @@ async fn malformed_redis_payloads_are_counted_and_good_messages_keep_flowing() {
     );
     c.assert_alive().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_unsubscribes_everything_and_closes_both_connections_idempotently() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let gw = wsgate_tests::TestGateway::start(&["--redis-url", &url, "--key-prefix", "stop"]).await;
+    let mut c = gw.client().await;
+    c.join("a").await;
+    c.join("b").await;
+    gw.http().publish("a", "x").await; // opens the publisher connection
+    assert_eq!(c.next_text().await, "x");
+    let clients = |redis: &RedisServer| -> usize {
+        let mut conn = redis.connection();
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut conn).unwrap();
+        list.lines().count() - 1 // minus the inspecting connection
+    };
+    assert_eq!(clients(&redis), 2, "a publisher and a subscriber");
+    assert!(!redis.channels("stop:*").is_empty());
+    let broker = gw.gateway.hub().broker().clone();
+    // Starting again is a no-op.
+    broker
+        .start(std::sync::Arc::new(gw.gateway.hub().clone()))
+        .await
+        .unwrap();
+    assert_eq!(clients(&redis), 2);
+    drop(c);
+    gw.http()
+        .wait_stats("client gone", |s| s["connections"] == 0)
+        .await;
+    broker.stop().await;
+    broker.stop().await;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while clients(&redis) != 0 || !redis.channels("stop:*").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connections or channels left after stop"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!broker.is_up());
+    let status = publish_status(&gw.http(), "a", "after stop").await;
+    assert_eq!(status, 503);
+}
