@@ -37,7 +37,7 @@ pub const SUBSCRIBE_ATTEMPTS: u32 = 3;
 const FAILED_RETRY: Duration = Duration::from_secs(5);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_CAP: Duration = Duration::from_millis(500);
+const BACKOFF_CAP: Duration = Duration::from_millis(250);
 
 /// Settings of the Redis broker.
 #[derive(Debug, Clone)]
