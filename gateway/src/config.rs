@@ -77,6 +77,11 @@ pub struct Config {
     )]
     pub redis_url: Option<String>,
 
+    /// PEM file with the CA certificate(s) that sign the Redis server's certificate
+    /// (rediss:// only; default: the system's root certificates).
+    #[arg(long, env = "WSGATE_REDIS_CA_FILE", value_name = "PATH")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
+
     /// Namespace of the broker channels ({prefix}:{topic}); 1-64 of a-z A-Z 0-9 _ : . -
     #[arg(long, env = "WSGATE_KEY_PREFIX", default_value = DEFAULT_KEY_PREFIX, value_name = "PREFIX")]
     pub key_prefix: String,
@@ -202,6 +207,17 @@ impl Config {
             return Err(invalid(
                 "--redis-url (WSGATE_REDIS_URL)",
                 "must start with redis:// or rediss://",
+            ));
+        }
+        if self.redis_ca_file.is_some()
+            && !self
+                .redis_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("rediss://"))
+        {
+            return Err(invalid(
+                "--redis-ca-file (WSGATE_REDIS_CA_FILE)",
+                "only applies to a rediss:// --redis-url",
             ));
         }
         if let Some(key) = &self.api_key

@@ -112,7 +112,15 @@ impl Gateway {
         let broker: Arc<dyn Broker> = match &config.redis_url {
             None => Arc::new(MemoryBroker::new(metrics.broker.clone())),
             Some(url) => {
+                let ca_pem = match &config.redis_ca_file {
+                    None => None,
+                    Some(path) => Some(std::fs::read(path).map_err(|e| Error::Config {
+                        setting: "--redis-ca-file (WSGATE_REDIS_CA_FILE)",
+                        message: format!("cannot read {}: {e}", path.display()),
+                    })?),
+                };
                 let settings = broker::redis::RedisSettings {
+                    ca_pem,
                     url: url.clone(),
                     key_prefix: key_prefix.clone(),
                     timeout: config.connect_timeout(),

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
+    /// With TLS: the folder holding the test CA and the server's certificate.
+    tls: Option<std::path::PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -21,30 +23,121 @@ fn free_port() -> u16 {
 impl RedisServer {
     /// Starts a server on a free port (retrying with a new port if one is lost to a race).
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Starts a server that only speaks TLS (`rediss://`), with a certificate for 127.0.0.1
+    /// signed by a throw-away CA (see [`ca_file`](Self::ca_file)).
+    pub fn start_tls() -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("wsgate-tls-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl not found");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let ca = [
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=wsgate test CA",
+        ];
+        openssl(&[&["req", "-x509"][..], &ec, &ca].concat());
+        let csr = [
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ];
+        openssl(&[&["req"][..], &ec, &csr].concat());
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        Self::start_with(Some(dir))
+    }
+
+    fn start_with(tls: Option<std::path::PathBuf>) -> Self {
         for _ in 0..20 {
             let port = free_port();
-            if let Some(child) = Self::spawn(port) {
+            if let Some(child) = Self::spawn(port, tls.as_deref()) {
                 return Self {
                     port,
                     child: Some(child),
+                    tls,
                 };
             }
         }
         panic!("could not start redis-server (is it installed? `make test` installs it)");
     }
 
-    fn spawn(port: u16) -> Option<Child> {
-        let mut child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+    /// The CA certificate (PEM) of a TLS server.
+    pub fn ca_file(&self) -> Option<String> {
+        self.tls
+            .as_ref()
+            .map(|d| d.join("ca.pem").to_string_lossy().into_owned())
+    }
+
+    fn spawn(port: u16, tls: Option<&std::path::Path>) -> Option<Child> {
+        let mut cmd = Command::new("redis-server");
+        match tls {
+            None => {
+                cmd.args(["--port", &port.to_string()]);
+            }
+            Some(dir) => {
+                let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
+                cmd.args(["--port", "0", "--tls-port", &port.to_string()])
+                    .args(["--tls-cert-file", &file("server.pem")])
+                    .args(["--tls-key-file", &file("server.key")])
+                    .args([
+                        "--tls-ca-cert-file",
+                        &file("ca.pem"),
+                        "--tls-auth-clients",
+                        "no",
+                    ]);
+            }
+        }
+        let mut child = cmd
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--protected-mode", "no", "--loglevel", "warning"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -75,7 +168,12 @@ impl RedisServer {
 
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The server's pid (while running).
@@ -99,7 +197,7 @@ impl RedisServer {
         assert!(self.child.is_none(), "kill it first");
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Some(child) = Self::spawn(self.port) {
+            if let Some(child) = Self::spawn(self.port, self.tls.as_deref()) {
                 self.child = Some(child);
                 return;
             }
@@ -168,5 +266,8 @@ impl Drop for RedisServer {
                 .status();
         }
         self.kill();
+        if let Some(dir) = &self.tls {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

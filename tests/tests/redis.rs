@@ -649,3 +649,32 @@ async fn stopping_unsubscribes_everything_and_closes_both_connections_idempotent
     let status = publish_status(&gw.http(), "a", "after stop").await;
     assert_eq!(status, 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_redis_carries_messages_between_replicas() {
+    let redis = RedisServer::start_tls();
+    let ca = redis.ca_file().unwrap();
+    assert!(redis.url().starts_with("rediss://"));
+    let gws = fleet(&redis, 2, "tls", &["--redis-ca-file", &ca]).await;
+    let mut a = gws[0].client().await;
+    let mut b = gws[1].client().await;
+    a.join("secure").await;
+    b.join("secure").await;
+    gws[1].http().publish("secure", "over TLS").await;
+    assert_eq!(a.next_text().await, "over TLS");
+    assert_eq!(b.next_text().await, "over TLS");
+    // Without the CA, the server's certificate cannot be verified: nothing is sent.
+    let untrusting = ProcessGateway::spawn(&[
+        "--redis-url",
+        &redis.url(),
+        "--key-prefix",
+        "tls",
+        "--connect-timeout-ms",
+        "300",
+    ])
+    .await;
+    let status = publish_status(&untrusting.http(), "secure", "must not arrive").await;
+    assert_eq!(status, 503);
+    gws[0].http().send(&a.socket_id, "marker").await;
+    assert_eq!(a.next_text().await, "marker");
+}

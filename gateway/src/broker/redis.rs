@@ -50,6 +50,8 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// Largest payload accepted from Redis.
     pub max_payload: usize,
+    /// PEM root certificates for `rediss://` (default: the system's).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 #[derive(Default)]
@@ -130,8 +132,17 @@ impl RedisBroker {
         metrics: BrokerMetrics,
         gateway_metrics: Option<Metrics>,
     ) -> Result<Self, BrokerError> {
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| BrokerError::Setup(format!("invalid Redis URL: {e}")))?;
+        let client = match settings.ca_pem {
+            None => redis::Client::open(settings.url.as_str()),
+            Some(pem) => redis::Client::build_with_tls(
+                settings.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            ),
+        }
+        .map_err(|e| BrokerError::Setup(format!("invalid Redis URL or TLS settings: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
