@@ -351,6 +351,11 @@ mod tests {
             (&["--connect-timeout-ms", "0"], "--connect-timeout-ms"),
             (&["--connect-timeout-ms=-5"], "--connect-timeout-ms"),
             (&["--redis-url", "http://x"], "--redis-url"),
+            (&["--redis-ca-file", "/ca.pem"], "--redis-ca-file"),
+            (
+                &["--redis-url", "redis://x", "--redis-ca-file", "/ca.pem"],
+                "--redis-ca-file",
+            ),
             (&["--api-key", "short"], "--api-key"),
             (&["--max-frame-bytes", "1"], "--max-frame-bytes"),
             (
