@@ -10,6 +10,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// With TLS: the folder holding the test CA and the server's certificate.
     tls: Option<std::path::PathBuf>,
+    /// Extra server arguments (kept for restarts).
+    extra: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -23,7 +25,12 @@ fn free_port() -> u16 {
 impl RedisServer {
     /// Starts a server on a free port (retrying with a new port if one is lost to a race).
     pub fn start() -> Self {
-        Self::start_with(None)
+        Self::start_with(None, &[])
+    }
+
+    /// Starts a server with extra `redis-server` arguments (e.g. ACL users).
+    pub fn start_args(extra: &[&str]) -> Self {
+        Self::start_with(None, extra)
     }
 
     /// Starts a server that only speaks TLS (`rediss://`), with a certificate for 127.0.0.1
@@ -93,17 +100,19 @@ impl RedisServer {
             "-extfile",
             "ext.cnf",
         ]);
-        Self::start_with(Some(dir))
+        Self::start_with(Some(dir), &[])
     }
 
-    fn start_with(tls: Option<std::path::PathBuf>) -> Self {
+    fn start_with(tls: Option<std::path::PathBuf>, extra: &[&str]) -> Self {
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
         for _ in 0..20 {
             let port = free_port();
-            if let Some(child) = Self::spawn(port, tls.as_deref()) {
+            if let Some(child) = Self::spawn(port, tls.as_deref(), &extra) {
                 return Self {
                     port,
                     child: Some(child),
                     tls,
+                    extra,
                 };
             }
         }
@@ -117,8 +126,9 @@ impl RedisServer {
             .map(|d| d.join("ca.pem").to_string_lossy().into_owned())
     }
 
-    fn spawn(port: u16, tls: Option<&std::path::Path>) -> Option<Child> {
+    fn spawn(port: u16, tls: Option<&std::path::Path>, extra: &[String]) -> Option<Child> {
         let mut cmd = Command::new("redis-server");
+        cmd.args(extra);
         match tls {
             None => {
                 cmd.args(["--port", &port.to_string()]);
@@ -197,7 +207,7 @@ impl RedisServer {
         assert!(self.child.is_none(), "kill it first");
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Some(child) = Self::spawn(self.port, self.tls.as_deref()) {
+            if let Some(child) = Self::spawn(self.port, self.tls.as_deref(), &self.extra) {
                 self.child = Some(child);
                 return;
             }

@@ -678,3 +678,53 @@ async fn tls_redis_carries_messages_between_replicas() {
     gws[0].http().send(&a.socket_id, "marker").await;
     assert_eq!(a.next_text().await, "marker");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_from_the_url_authenticates_and_a_wrong_password_is_refused() {
+    // A user allowed only what the gateway needs, and no default user.
+    let redis = RedisServer::start_args(&[
+        "--user",
+        "default",
+        "off",
+        "--user",
+        "gateway",
+        "on",
+        ">s3cret-pass",
+        "~*",
+        "&*",
+        "+publish",
+        "+subscribe",
+        "+unsubscribe",
+        "+ping",
+        "+hello",
+        "+client",
+        "+auth",
+    ]);
+    let port = redis.port();
+    let url = format!("redis://gateway:s3cret-pass@127.0.0.1:{port}");
+    let gw = ProcessGateway::spawn(&["--redis-url", &url, "--key-prefix", "acl"]).await;
+    wait_ready(&gw.http(), 200).await;
+    let mut c = gw.client().await;
+    c.join("private").await;
+    gw.http().publish("private", "authenticated").await;
+    assert_eq!(c.next_text().await, "authenticated");
+
+    let wrong = format!("redis://gateway:wrong@127.0.0.1:{port}");
+    let denied = ProcessGateway::spawn(&[
+        "--redis-url",
+        &wrong,
+        "--key-prefix",
+        "acl",
+        "--connect-timeout-ms",
+        "300",
+    ])
+    .await;
+    assert_eq!(
+        publish_status(&denied.http(), "private", "must not arrive").await,
+        503
+    );
+    let (status, _) = denied.http().get_json("/readyz").await;
+    assert_eq!(status, 503);
+    gw.http().send(&c.socket_id, "marker").await;
+    assert_eq!(c.next_text().await, "marker");
+}
