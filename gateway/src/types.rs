@@ -11,6 +11,8 @@ pub const MAX_TOPIC_LEN: usize = 256;
 pub const MAX_KEY_PREFIX_LEN: usize = 64;
 /// The reserved topic every connection is subscribed to.
 pub const BROADCAST_TOPIC: &str = "__broadcast__";
+/// The reserved topic on which gateway replicas announce themselves to each other.
+pub const REPLICAS_TOPIC: &str = "__replicas__";
 /// Prefix of the reserved per-connection topics (`__socket__:<socketId>`).
 pub const SOCKET_TOPIC_PREFIX: &str = "__socket__:";
 
@@ -74,7 +76,7 @@ impl Topic {
 
 /// Whether a syntactically valid topic name is one clients may not join.
 pub fn is_reserved(name: &str) -> bool {
-    name == BROADCAST_TOPIC || name.starts_with(SOCKET_TOPIC_PREFIX)
+    name == BROADCAST_TOPIC || name == REPLICAS_TOPIC || name.starts_with(SOCKET_TOPIC_PREFIX)
 }
 
 impl fmt::Display for Topic {
@@ -218,6 +220,7 @@ mod tests {
             assert_eq!(Topic::new(bad), Err(InvalidName::BadCharacter), "{bad}");
         }
         assert_eq!(Topic::new("__broadcast__"), Err(InvalidName::Reserved));
+        assert_eq!(Topic::new("__replicas__"), Err(InvalidName::Reserved));
         assert_eq!(
             Topic::new("__socket__:3f2b6f8e-2a53-4a7c-9a8e-1b2c3d4e5f60"),
             Err(InvalidName::Reserved)

@@ -184,6 +184,8 @@ fn expected_numsub(
         for s in sockets {
             *want.entry(format!("{prefix}:__socket__:{s}")).or_default() += 1;
         }
+        // Every replica listens on the replicas channel, whatever its clients do.
+        *want.entry(format!("{prefix}:__replicas__")).or_default() += 1;
         if !sockets.is_empty() {
             *want.entry(format!("{prefix}:__broadcast__")).or_default() += 1;
         }
@@ -321,7 +323,7 @@ async fn channel_bookkeeping_matches_local_subscribers_after_thousands_of_random
     }
     let per = expected_state(&sims, gws.len());
     wait_local_counts(&gws, &per).await;
-    wait_bookkeeping(&redis, "churn", &HashMap::new()).await;
+    wait_bookkeeping(&redis, "churn", &expected_numsub("churn", &per)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,7 +414,8 @@ async fn redis_restart_loses_no_acknowledged_message_and_resumes_without_rejoini
     let restarted = Instant::now();
     // Publish through each gateway to every topic until Redis accepts it again, recording how
     // long each topic took to resume. A gateway refuses to publish until its own subscriber is
-    // back, so every 2xx-answered message must reach that gateway's subscribers.
+    // back and the other replica has announced itself again, so every 2xx-answered message
+    // must reach every subscriber on both gateways.
     let mut accepted: Vec<(usize, String, String)> = Vec::new();
     let mut resumed: HashMap<(usize, String), Duration> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -457,15 +460,17 @@ async fn redis_restart_loses_no_acknowledged_message_and_resumes_without_rejoini
             }
             got.push(m);
         }
-        let own: Vec<&String> = accepted
+        // Every 2xx-answered message on this topic, through either gateway, arrived in order:
+        // a replica back from the outage publishes only once the others have resubscribed.
+        let want: Vec<&String> = accepted
             .iter()
-            .filter(|(v, topic, _)| v == g && topic == t)
+            .filter(|(_, topic, _)| topic == t)
             .map(|(_, _, m)| m)
             .collect();
-        let own_got: Vec<&String> = got.iter().filter(|m| own.contains(m)).collect();
+        let got_accepted: Vec<&String> = got.iter().filter(|m| want.contains(m)).collect();
         assert_eq!(
-            own_got, own,
-            "a 2xx-answered message was lost on {t} (gateway {g}); got {got:?}"
+            got_accepted, want,
+            "a 2xx-answered message was lost on {t} (subscriber on gateway {g}); got {got:?}"
         );
         assert!(
             got.contains(&format!("final-{t}")),
@@ -584,6 +589,16 @@ async fn malformed_redis_payloads_are_counted_and_good_messages_keep_flowing() {
     for p in &bad {
         assert_eq!(redis.publish("bad:t", p), 1);
     }
+    // Forged or broken replica announcements are rejected too.
+    let forged: [&[u8]; 4] = [
+        b"{}",
+        br#"{"replica":"not-a-uuid"}"#,
+        br#"{"replica":"3f2b6f8e-2a53-4a7c-9a8e-1b2c3d4e5f60","admin":true}"#,
+        b"[1,2,3]",
+    ];
+    for p in forged {
+        assert_eq!(redis.publish("bad:__replicas__", p), 1);
+    }
     // A channel name that is not a valid topic.
     let mut conn = redis.connection();
     let _: i64 = redis::cmd("PUBLISH")
@@ -595,14 +610,14 @@ async fn malformed_redis_payloads_are_counted_and_good_messages_keep_flowing() {
     let scrape = gws[0].http().metrics().await;
     assert_eq!(
         metric(&scrape, "wsgate_broker_payloads_rejected_total"),
-        Some(bad.len() as f64)
+        Some((bad.len() + forged.len()) as f64)
     );
     assert_eq!(
         metric(
             &scrape,
             "wsgate_messages_dropped_total{reason=\"invalid_payload\"}"
         ),
-        Some(bad.len() as f64)
+        Some((bad.len() + forged.len()) as f64)
     );
     c.assert_alive().await;
 }

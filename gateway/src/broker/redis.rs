@@ -11,11 +11,17 @@
 //! connection is lost, or a command is not answered in time (a frozen Redis), the connection is
 //! dropped and a fresh one resubscribes the wanted set in batches: Redis forgets a closed
 //! connection's subscriptions, so nothing is orphaned and nothing is missed.
+//!
+//! Replicas announce themselves on `{prefix}:__replicas__` twice a second, and at once when
+//! their subscriber is back after a reconnect. A replica that lost Redis refuses to publish,
+//! once it is back, until every replica it heard from before the outage has announced itself
+//! again (or [`BARRIER_MAX`] has passed): otherwise a message accepted while another replica is
+//! still resubscribing would silently miss that replica's clients.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use rand::Rng;
@@ -35,6 +41,12 @@ pub const BATCH: usize = 1000;
 pub const SUBSCRIBE_ATTEMPTS: u32 = 3;
 /// How often channels whose subscribe failed are retried while connected.
 const FAILED_RETRY: Duration = Duration::from_secs(5);
+/// How often a replica announces itself.
+const HEARTBEAT: Duration = Duration::from_millis(500);
+/// A replica not heard from for this long is presumed gone.
+const PEER_TTL: Duration = Duration::from_secs(2);
+/// Longest a replica back from a Redis outage waits for the others before publishing anyway.
+pub const BARRIER_MAX: Duration = Duration::from_secs(3);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_CAP: Duration = Duration::from_millis(250);
@@ -83,8 +95,22 @@ struct State {
     sink: Option<Arc<dyn Sink>>,
 }
 
+/// What a replica knows of the others.
+#[derive(Default)]
+struct Peers {
+    last_seen: HashMap<uuid::Uuid, Instant>,
+    /// Replicas alive when our subscriber went down, not heard from since it came back.
+    waiting_for: HashSet<uuid::Uuid>,
+    /// Until when publishing waits for them.
+    deadline: Option<Instant>,
+}
+
 struct Inner {
     client: redis::Client,
+    /// This replica's id on the replicas channel.
+    replica: uuid::Uuid,
+    peers: std::sync::Mutex<Peers>,
+    announce: Notify,
     prefix: String,
     timeout: Duration,
     max_payload: usize,
@@ -103,6 +129,7 @@ struct Inner {
 pub struct RedisBroker {
     inner: Arc<Inner>,
     task: Mutex<Option<JoinHandle<()>>>,
+    heartbeat: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -146,6 +173,9 @@ impl RedisBroker {
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
+                replica: uuid::Uuid::new_v4(),
+                peers: std::sync::Mutex::default(),
+                announce: Notify::new(),
                 prefix: format!("{}:", settings.key_prefix),
                 timeout: settings.timeout,
                 max_payload: settings.max_payload,
@@ -160,6 +190,7 @@ impl RedisBroker {
                 last_warning_ms: AtomicU64::new(0),
             }),
             task: Mutex::new(None),
+            heartbeat: Mutex::new(None),
         })
     }
 
@@ -181,8 +212,109 @@ impl Inner {
     }
 
     fn set_up(&self, up: bool) {
-        self.up.store(up, Ordering::Release);
+        let was = self.up.swap(up, Ordering::AcqRel);
         self.metrics.up.set(i64::from(up));
+        let now = Instant::now();
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if was && !up {
+            // Remember who was alive when we lost Redis: they must be back before we publish.
+            let alive: Vec<uuid::Uuid> = peers
+                .last_seen
+                .iter()
+                .filter(|(_, seen)| now.duration_since(**seen) < PEER_TTL)
+                .map(|(id, _)| *id)
+                .collect();
+            peers.waiting_for.extend(alive);
+        } else if !was && up {
+            peers.deadline = Some(now + BARRIER_MAX);
+            drop(peers);
+            self.announce.notify_one();
+        }
+    }
+
+    fn replicas_channel(&self) -> String {
+        format!("{}{}", self.prefix, crate::types::REPLICAS_TOPIC)
+    }
+
+    /// A replica announced itself: `{"replica":"<uuid>"}`.
+    fn on_announce(&self, payload: &[u8]) -> Result<(), wire::Rejection> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Announce {
+            replica: String,
+            /// Sent by a replica whose subscriber just came back: others answer at once.
+            #[serde(default)]
+            back: bool,
+        }
+        if payload.len() > 256 {
+            return Err(wire::Rejection::TooLarge(payload.len()));
+        }
+        let a: Announce = serde_json::from_slice(payload)
+            .map_err(|e| wire::Rejection::Malformed(e.to_string()))?;
+        let id = uuid::Uuid::try_parse(&a.replica)
+            .map_err(|_| wire::Rejection::Malformed("replica id is not a UUID".into()))?;
+        if id != self.replica {
+            let now = Instant::now();
+            let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+            let known = peers.last_seen.insert(id, now).is_some();
+            peers.waiting_for.remove(&id);
+            peers
+                .last_seen
+                .retain(|_, seen| now.duration_since(*seen) < PEER_TTL * 10);
+            drop(peers);
+            // A replica that just came back, or one we did not know, learns of us at once.
+            if a.back || !known {
+                self.announce.notify_one();
+            }
+        }
+        Ok(())
+    }
+
+    /// Why publishing must wait, if it must.
+    fn barrier(&self) -> Option<usize> {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if peers.waiting_for.is_empty() {
+            return None;
+        }
+        if peers.deadline.is_some_and(|d| Instant::now() >= d) {
+            // They did not come back in time: presumed gone.
+            peers.waiting_for.clear();
+            return None;
+        }
+        Some(peers.waiting_for.len())
+    }
+
+    /// Announces this replica (only while its subscriber is up).
+    async fn run_heartbeat(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut announced_up = false;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.announce.notified() => {}
+            }
+            if self.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            let up = self.up.load(Ordering::Acquire);
+            if up {
+                // The first announcement after coming up asks the others to answer at once.
+                let back = !announced_up;
+                let payload = format!("{{\"replica\":\"{}\",\"back\":{back}}}", self.replica);
+                // After an outage the publisher connection is usually stale: the first
+                // attempt drops it, the second reconnects.
+                for _ in 0..2 {
+                    let sent = self.send(self.replicas_channel(), payload.clone().into_bytes());
+                    if sent.await.is_ok() {
+                        announced_up = true;
+                        break;
+                    }
+                }
+            } else {
+                announced_up = false;
+            }
+        }
     }
 
     /// Warns at most once a second (hostile traffic must not flood the logs).
@@ -209,6 +341,12 @@ impl Inner {
             }
             self.warn_rejected(name, &why);
         };
+        if name.strip_prefix(&self.prefix) == Some(crate::types::REPLICAS_TOPIC) {
+            if let Err(why) = self.on_announce(msg.get_payload_bytes()) {
+                reject(why);
+            }
+            return;
+        }
         let Some(topic_name) = name.strip_prefix(&self.prefix) else {
             return reject(wire::Rejection::Malformed(
                 "channel outside our prefix".into(),
@@ -482,6 +620,16 @@ impl Inner {
                 "not connected to Redis (reconnecting)".into(),
             ));
         }
+        if let Some(n) = self.barrier() {
+            return Err(BrokerError::Unavailable(format!(
+                "back from a Redis outage; waiting for {n} other replica(s) to resubscribe"
+            )));
+        }
+        self.send(channel, payload).await
+    }
+
+    /// PUBLISH without the readiness checks.
+    async fn send(&self, channel: String, payload: Vec<u8>) -> Result<(), BrokerError> {
         let mut conn = self.publisher().await?;
         let result: Result<i64, RedisError> = tokio::time::timeout(
             self.timeout,
@@ -539,8 +687,19 @@ impl Broker for RedisBroker {
                 if task.is_some() {
                     return Ok(());
                 }
-                lock(&self.inner.state).sink = Some(sink);
+                {
+                    let mut st = lock(&self.inner.state);
+                    st.sink = Some(sink);
+                    let replicas = self.inner.replicas_channel();
+                    st.channels.entry(replicas.clone()).or_default().wanted = true;
+                    st.dirty.insert(replicas);
+                }
                 self.inner.stopped.store(false, Ordering::Release);
+                *self
+                    .heartbeat
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) =
+                    Some(tokio::spawn(self.inner.clone().run_heartbeat()));
                 let (tx, rx) = oneshot::channel();
                 *task = Some(tokio::spawn(self.inner.clone().run_subscriber(tx)));
                 rx
@@ -633,6 +792,8 @@ impl Broker for RedisBroker {
             "wantedChannels": wanted,
             "failedChannels": failed,
             "reconnects": self.inner.metrics.reconnects.get(),
+            "replica": self.inner.replica.to_string(),
+            "waitingForReplicas": self.inner.barrier().unwrap_or(0),
         })
     }
 
@@ -645,6 +806,14 @@ impl Broker for RedisBroker {
                 .take();
             self.inner.stopped.store(true, Ordering::Release);
             self.inner.stop.notify_one();
+            if let Some(h) = self
+                .heartbeat
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+            {
+                h.abort();
+            }
             if let Some(task) = task {
                 let abort = task.abort_handle();
                 if tokio::time::timeout(self.inner.timeout * 2, task)
