@@ -601,3 +601,78 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn masked(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        let len = payload.len();
+        if len < 126 {
+            out.push(0x80 | len as u8);
+        } else if len <= 0xFFFF {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_and_never_buffer_past_the_limit(
+            data in proptest::collection::vec(any::<u8>(), 0..4096),
+            cut in 0usize..4096,
+        ) {
+            let mut r = FrameReader::new(64);
+            let mut buf = BytesMut::new();
+            let cut = cut.min(data.len());
+            for piece in [&data[..cut], &data[cut..]] {
+                buf.extend_from_slice(piece);
+                loop {
+                    match r.next(&mut buf) {
+                        Ok(Some(Inbound::Text(t) | Inbound::Binary(t))) => prop_assert!(t.len() <= 64),
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn messages_survive_any_fragmentation_and_any_read_boundaries(
+            messages in proptest::collection::vec(
+                (proptest::collection::vec(any::<u8>(), 0..300), 1usize..4, any::<[u8; 4]>()),
+                1..8,
+            ),
+            chunk in 1usize..97,
+        ) {
+            let mut wire = Vec::new();
+            for (payload, parts, mask) in &messages {
+                let size = payload.len().div_ceil(*parts).max(1);
+                let pieces: Vec<&[u8]> = if payload.is_empty() { vec![&[][..]] } else { payload.chunks(size).collect() };
+                for (i, piece) in pieces.iter().enumerate() {
+                    let opcode = if i == 0 { 2 } else { 0 };
+                    wire.extend(masked(i + 1 == pieces.len(), opcode, piece, *mask));
+                }
+            }
+            let mut r = FrameReader::new(1024);
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            for piece in wire.chunks(chunk) {
+                buf.extend_from_slice(piece);
+                while let Some(item) = r.next(&mut buf).unwrap() {
+                    got.push(item);
+                }
+            }
+            let want: Vec<Inbound> = messages.iter().map(|(p, _, _)| Inbound::Binary(Bytes::from(p.clone()))).collect();
+            prop_assert_eq!(got, want);
+        }
+    }
+}

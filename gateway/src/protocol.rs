@@ -281,3 +281,29 @@ mod tests {
         assert_eq!(v["data"]["id"], 3);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_client_text_is_a_command_or_a_rejection_never_a_panic(text in "\\PC{0,300}") {
+            let _ = parse_command(text.as_bytes());
+        }
+
+        #[test]
+        fn any_valid_topic_joins_and_any_id_echoes(topic in "[a-zA-Z0-9_:.-]{1,256}", id in any::<u32>()) {
+            prop_assume!(!crate::types::is_reserved(&topic));
+            let frame = format!(r#"{{"type":"room.join","room":"{topic}","id":{id}}}"#);
+            match parse_command(frame.as_bytes()) {
+                Ok(Command::Join { topic: t, id: Some(a) }) => {
+                    prop_assert_eq!(t.as_str(), topic.as_str());
+                    prop_assert_eq!(a.as_json(), id.to_string());
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+    }
+}

@@ -256,3 +256,24 @@ mod tests {
         assert_eq!(decode("t", &huge, 1000), Err(Rejection::TooLarge(2000)));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_payloads_are_rejected_or_decoded_never_a_panic(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = decode("t", &data, 1024);
+        }
+
+        #[test]
+        fn every_message_round_trips(text in ".{0,200}", bin in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let t = Message::Text(Bytes::from(text.clone()));
+            prop_assert_eq!(decode("t", &encode("t", &t), 1 << 20).map(|e| e.message), Ok(t));
+            let b = Message::Binary(Bytes::from(bin));
+            prop_assert_eq!(decode("t", &encode("t", &b), 1 << 20).map(|e| e.message), Ok(b));
+        }
+    }
+}
