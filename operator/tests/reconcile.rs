@@ -120,6 +120,16 @@ struct World {
     fail_writes: Arc<Mutex<Option<u16>>>,
 }
 
+/// The write failure a test asked for, if any (an injected API error with that code).
+fn injected<T>(fail: &Mutex<Option<u16>>) -> Result<Option<T>, kube_fake_client::Error> {
+    match *fail.lock().expect("fail lock") {
+        Some(code) => Err(kube_fake_client::Error::Internal(format!(
+            "injected {code}"
+        ))),
+        None => Ok(None),
+    }
+}
+
 impl World {
     async fn new(spec: WsClusterSpec) -> Self {
         Self::build(spec, false).await
@@ -153,12 +163,7 @@ impl World {
             })
             .patch(move |c| {
                 record(&w2, format!("patch {}", c.name));
-                match *f1.lock().expect("fail lock") {
-                    Some(code) => Err(kube_fake_client::Error::Internal(format!(
-                        "injected {code}"
-                    ))),
-                    None => Ok(None),
-                }
+                injected(&f1)
             })
             .update(move |c| {
                 record(&w3, format!("update {}", c.object["kind"]));
@@ -166,12 +171,7 @@ impl World {
             })
             .replace(move |c| {
                 record(&w4, format!("replace {}", c.name));
-                match *f2.lock().expect("fail lock") {
-                    Some(code) => Err(kube_fake_client::Error::Internal(format!(
-                        "injected {code}"
-                    ))),
-                    None => Ok(None),
-                }
+                injected(&f2)
             })
             .delete(move |c| {
                 record(&w5, format!("delete {}", c.name));
