@@ -404,27 +404,32 @@ fn parse_close(payload: &[u8]) -> Result<Option<u16>, ProtocolViolation> {
     }
 }
 
+/// Builds a masked client frame (tests only).
+#[cfg(test)]
+fn masked_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= 0xFFFF {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// Builds a masked client frame.
     fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x12, 0x34, 0x56, 0x78];
-        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        let len = payload.len();
-        if len < 126 {
-            out.push(0x80 | len as u8);
-        } else if len <= 0xFFFF {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
+        masked_frame(fin, opcode, payload, [0x12, 0x34, 0x56, 0x78])
     }
 
     fn read_all(reader: &mut FrameReader, bytes: &[u8]) -> Vec<Inbound> {
@@ -607,23 +612,6 @@ mod properties {
     use super::*;
     use proptest::prelude::*;
 
-    fn masked(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        let len = payload.len();
-        if len < 126 {
-            out.push(0x80 | len as u8);
-        } else if len <= 0xFFFF {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
-    }
-
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic_and_never_buffer_past_the_limit(
@@ -659,7 +647,7 @@ mod properties {
                 let pieces: Vec<&[u8]> = if payload.is_empty() { vec![&[][..]] } else { payload.chunks(size).collect() };
                 for (i, piece) in pieces.iter().enumerate() {
                     let opcode = if i == 0 { 2 } else { 0 };
-                    wire.extend(masked(i + 1 == pieces.len(), opcode, piece, *mask));
+                    wire.extend(masked_frame(i + 1 == pieces.len(), opcode, piece, *mask));
                 }
             }
             let mut r = FrameReader::new(1024);
