@@ -229,6 +229,8 @@ async fn run<R>(
         }
     });
 
+    hub.open(&conn).await;
+
     let mut session = Session {
         hub: &hub,
         conn: &conn,

@@ -189,8 +189,9 @@ impl Hub {
     }
 
     /// Registers a new connection under a fresh socket id, subscribed to the broadcast channel
-    /// and its own direct channel, and sends its `session` envelope. With `socket`, frames
-    /// are written to it directly whenever nothing is queued.
+    /// and its own direct channel. Its outbox holds everything until [`Hub::open`] sends the
+    /// `session` envelope. With `socket`, frames are written to it directly whenever nothing
+    /// is queued.
     pub fn register(&self, socket: Option<Arc<tokio::net::tcp::OwnedWriteHalf>>) -> Arc<Conn> {
         let id = SocketId::generate();
         let conn = Arc::new(Conn {
@@ -200,12 +201,8 @@ impl Hub {
             last_seen: AtomicU64::new(self.now_ms()),
         });
         let m = &self.shared.metrics;
-        conn.outbox.push(
-            crate::protocol::session_frame(id),
-            Kind::Control,
-            &self.shared.limits.queue,
-            m,
-        );
+        // Nothing reaches the client before its `session` envelope (see `Hub::open`).
+        conn.outbox.hold();
         {
             let mut shard = write(self.conn_shard(id));
             shard.insert(id, conn.clone());
@@ -225,6 +222,23 @@ impl Hub {
         m.connections.inc();
         m.opened.inc();
         conn
+    }
+
+    /// Sends the `session` envelope — the connection's first frame — once its direct and
+    /// broadcast channels are live cluster-wide, so that a backend told this socket id can
+    /// reach it at once. If the broker cannot confirm in time, the session goes out anyway
+    /// (the connection works locally, and the broker keeps trying).
+    pub async fn open(&self, conn: &Conn) {
+        let broker = &self.shared.broker;
+        let direct = Channel::Socket(conn.id);
+        let (a, b) = tokio::join!(
+            broker.confirmed(&direct),
+            broker.confirmed(&Channel::Broadcast)
+        );
+        if let Err(e) = a.and(b) {
+            tracing::debug!(error = %e, "session sent before the broker confirmed its channels");
+        }
+        conn.outbox.release(crate::protocol::session_frame(conn.id));
     }
 
     /// Removes a connection and all its subscriptions; counts its close reason.

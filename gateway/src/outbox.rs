@@ -60,6 +60,9 @@ struct State {
     direct: Option<Arc<OwnedWriteHalf>>,
     /// The writer task holds a batch: frames must queue behind it.
     busy: bool,
+    /// Nothing goes out until [`Outbox::release`]: the connection's first frame is not known
+    /// yet.
+    held: bool,
 }
 
 /// The result of queueing a frame.
@@ -165,7 +168,7 @@ impl Outbox {
             return Push::Overflow;
         }
         let mut frame = frame;
-        let idle = st.queue.is_empty() && !st.busy;
+        let idle = st.queue.is_empty() && !st.busy && !st.held;
         if idle
             && direct
             && let Some(socket) = &st.direct
@@ -190,6 +193,27 @@ impl Outbox {
             self.wake_writer.notify_one();
         }
         Push::Queued
+    }
+
+    /// Holds everything queued from now on until [`Outbox::release`].
+    pub fn hold(&self) {
+        self.lock().held = true;
+    }
+
+    /// Sends `first` ahead of everything queued while held, then lets the rest follow.
+    pub fn release(&self, first: Bytes) {
+        let mut st = self.lock();
+        if !st.held {
+            return;
+        }
+        st.held = false;
+        st.bytes += first.len();
+        st.queue.push_front(Item {
+            frame: first,
+            kind: Kind::Control,
+        });
+        drop(st);
+        self.wake_writer.notify_one();
     }
 
     /// Starts closing with `code`/`reason`, after the frames already queued unless `discard`.
@@ -298,6 +322,9 @@ impl Outbox {
     /// Takes everything queued into `batch` (marking the writer busy), or marks it idle.
     fn take(&self, batch: &mut VecDeque<Item>) -> bool {
         let mut st = self.lock();
+        if st.held {
+            return false;
+        }
         if st.queue.is_empty() {
             st.busy = false;
             false
@@ -461,6 +488,26 @@ mod tests {
         want.extend_from_slice(&frame::close(1000, "bye"));
         assert_eq!(got, want);
         assert_eq!(metrics.delivered.get(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_held_outbox_sends_its_first_frame_ahead_of_everything_queued_meanwhile() {
+        let metrics = Metrics::new();
+        let outbox = Outbox::new();
+        outbox.hold();
+        assert_eq!(
+            outbox.push(frame::text(b"early"), Kind::Data, &LIMITS, &metrics),
+            Push::Queued
+        );
+        outbox.release(frame::text(b"session"));
+        outbox.close(1000, "", CloseReason::Client, false);
+        let (mut client, server) = tokio::io::duplex(256);
+        outbox.run_writer(server, &metrics).await;
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        let mut want = [frame::text(b"session"), frame::text(b"early")].concat();
+        want.extend_from_slice(&frame::close(1000, ""));
+        assert_eq!(got, want);
     }
 
     #[tokio::test]

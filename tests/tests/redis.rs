@@ -743,3 +743,33 @@ async fn an_acl_user_from_the_url_authenticates_and_a_wrong_password_is_refused(
     gw.http().send(&c.socket_id, "marker").await;
     assert_eq!(c.next_text().await, "marker");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_is_reachable_from_any_replica_as_soon_as_its_session_arrives() {
+    let redis = RedisServer::start();
+    let gws = fleet(&redis, 2, "session", &[]).await;
+    let (a, b) = (gws[0].addr, gws[1].addr);
+    // Many connections at once, each addressed from the other replica the moment its session
+    // envelope arrives: the session is only sent once the direct channel is live.
+    let mut tasks = Vec::new();
+    for i in 0..150 {
+        let (here, there) = if i % 2 == 0 { (a, b) } else { (b, a) };
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(here).await;
+            Http::new(there)
+                .send(&c.socket_id, &format!("hello {i}"))
+                .await;
+            assert_eq!(c.next_text().await, format!("hello {i}"));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut c = gws[0].client().await;
+    let (status, _) = gws[1]
+        .http()
+        .post_json("/api/disconnect", json!({"socketId": c.socket_id}))
+        .await;
+    assert_eq!(status, 200);
+    assert!(matches!(c.next().await, Received::Close(Some(1000), _)));
+}
