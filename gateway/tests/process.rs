@@ -117,7 +117,9 @@ async fn a_client_that_stops_reading_is_disconnected_while_others_receive_everyt
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flips_readiness_closes_clients_with_1001_and_exits_within_the_grace_period() {
     let mut gw =
-        ProcessGateway::spawn_bin(env!("CARGO_BIN_EXE_wsgate"), &["--drain-timeout-secs", "3"])
+        // A 9 s window: 3 s of draining before the first close leaves a loaded CI machine
+        // ample time to observe readiness and the refused upgrade.
+        ProcessGateway::spawn_bin(env!("CARGO_BIN_EXE_wsgate"), &["--drain-timeout-secs", "9"])
             .await;
     let http = gw.http();
     let mut a = gw.client().await;
@@ -145,7 +147,7 @@ async fn sigterm_flips_readiness_closes_clients_with_1001_and_exits_within_the_g
     for c in [&mut a, &mut b] {
         assert!(matches!(c.next().await, Received::Close(Some(1001), _)));
     }
-    let status = tokio::time::timeout(Duration::from_secs(3 + 10), gw.child.wait())
+    let status = tokio::time::timeout(Duration::from_secs(9 + 10), gw.child.wait())
         .await
         .expect("wsgate did not exit after the drain window")
         .unwrap();
