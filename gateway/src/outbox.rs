@@ -291,30 +291,8 @@ impl Outbox {
 
     /// The writer: drains the queue into `w` until the close frame is written or the socket
     /// fails. Runs as the connection's only writer.
-    pub async fn run_writer<W: AsyncWrite + Unpin>(&self, mut w: W, metrics: &Metrics) {
-        let mut batch: VecDeque<Item> = VecDeque::new();
-        loop {
-            if !self.take(&mut batch) {
-                self.wake_writer.notified().await;
-                continue;
-            }
-            match write_batch(&mut w, &mut batch).await {
-                Ok((delivered, closed)) => {
-                    metrics.delivered.inc_by(delivered);
-                    if closed {
-                        let _ = w.shutdown().await;
-                        return;
-                    }
-                }
-                Err(_) => {
-                    self.abort(CloseReason::IoError);
-                    return;
-                }
-            }
-            // Idle connections should hold no queue memory: give the buffer back. A busy
-            // connection pays one small allocation per wake-up, not per message.
-            batch = VecDeque::new();
-        }
+    pub async fn run_writer<W: AsyncWrite + Unpin + Send>(&self, w: W, metrics: &Metrics) {
+        self.drive(StreamSink(w), metrics).await;
     }
 }
 
@@ -340,16 +318,22 @@ impl Outbox {
     /// writes. Stops after the close frame (dropping its handle on the socket, which sends FIN
     /// once the outbox has let go of it too) or when the socket fails.
     pub async fn run_tcp_writer(&self, socket: Arc<OwnedWriteHalf>, metrics: &Metrics) {
+        self.drive(TcpSink(socket), metrics).await;
+    }
+
+    /// The writer loop shared by both kinds of socket.
+    async fn drive<S: BatchSink>(&self, mut sink: S, metrics: &Metrics) {
         let mut batch: VecDeque<Item> = VecDeque::new();
         loop {
             if !self.take(&mut batch) {
                 self.wake_writer.notified().await;
                 continue;
             }
-            match write_batch_tcp(&socket, &mut batch).await {
+            match sink.write(&mut batch).await {
                 Ok((delivered, closed)) => {
                     metrics.delivered.inc_by(delivered);
                     if closed {
+                        sink.finish().await;
                         return;
                     }
                 }
@@ -358,8 +342,47 @@ impl Outbox {
                     return;
                 }
             }
+            // Idle connections should hold no queue memory: give the buffer back. A busy
+            // connection pays one small allocation per wake-up, not per message.
             batch = VecDeque::new();
         }
+    }
+}
+
+/// Where a writer sends its batches.
+trait BatchSink: Send {
+    /// Writes every frame of `batch` (emptying it): (data frames written, close written).
+    fn write(
+        &mut self,
+        batch: &mut VecDeque<Item>,
+    ) -> impl Future<Output = std::io::Result<(u64, bool)>> + Send;
+    /// Ends the stream after the close frame.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// Any async stream, owned by the writer.
+struct StreamSink<W>(W);
+
+impl<W: AsyncWrite + Unpin + Send> BatchSink for StreamSink<W> {
+    async fn write(&mut self, batch: &mut VecDeque<Item>) -> std::io::Result<(u64, bool)> {
+        write_batch(&mut self.0, batch).await
+    }
+
+    async fn finish(&mut self) {
+        let _ = self.0.shutdown().await;
+    }
+}
+
+/// A TCP socket shared with the outbox's direct writes.
+struct TcpSink(Arc<OwnedWriteHalf>);
+
+impl BatchSink for TcpSink {
+    async fn write(&mut self, batch: &mut VecDeque<Item>) -> std::io::Result<(u64, bool)> {
+        write_batch_tcp(&self.0, batch).await
+    }
+
+    async fn finish(&mut self) {
+        // Dropping the last handle on the write half sends FIN.
     }
 }
 
