@@ -50,6 +50,13 @@ pub enum Scenario {
         #[command(flatten)]
         load: ConnectArgs,
     },
+    /// No gateway: K sender threads write each message to C loopback WebSocket connections with
+    /// one plain write() per delivery, at R msg/s; their CPU per delivery is this machine's
+    /// kernel floor for any server that writes once per delivery.
+    Floor {
+        #[command(flatten)]
+        load: FloorArgs,
+    },
 }
 
 /// Where the gateways are (or how to start them), what to measure, how to report.
@@ -190,4 +197,29 @@ pub struct ConnectArgs {
     /// Topics (default: one per connection); connection i joins topic i mod T.
     #[arg(long)]
     pub topics: Option<usize>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FloorArgs {
+    /// Connections, spread over the sender threads.
+    #[arg(short = 'c', long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Sender threads (stand-ins for gateway replicas).
+    #[arg(long, default_value_t = 2)]
+    pub senders: usize,
+    /// Messages per second.
+    #[arg(short = 'r', long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Messages in total.
+    #[arg(short = 'm', long, default_value_t = 2000)]
+    pub messages: u64,
+    /// Message size in bytes (as for fanout).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Stop (with an error) when the whole scenario takes longer than this.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub duration_limit: u64,
+    /// Print results as JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }

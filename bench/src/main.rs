@@ -8,6 +8,7 @@
 //! - [`fanout`] and [`search`]: subscribers, a paced HTTP publisher, loss, duplicates and
 //!   latency histograms; the search for the highest sustained rate.
 //! - [`idle`] and [`connect`]: many joined connections: memory per connection, connect rate.
+//! - [`floor`]: no gateway; the kernel's cost of one write per delivery on this machine.
 //! - [`procfs`]: CPU time, RSS and open-file limits from `/proc`; [`resp`]: a tiny Redis
 //!   client for channel counts and `used_memory`; [`report`]: tables and JSON lines.
 //!
@@ -19,6 +20,7 @@ mod client;
 mod connect;
 mod deployment;
 mod fanout;
+mod floor;
 mod idle;
 mod procfs;
 mod report;
@@ -86,12 +88,13 @@ async fn interrupted() -> &'static str {
     }
 }
 
-fn common(s: &Scenario) -> &Common {
+fn common(s: &Scenario) -> Option<&Common> {
     match s {
         Scenario::Fanout { common, .. }
         | Scenario::Search { common, .. }
         | Scenario::Idle { common, .. }
-        | Scenario::Connect { common, .. } => common,
+        | Scenario::Connect { common, .. } => Some(common),
+        Scenario::Floor { .. } => None,
     }
 }
 
@@ -102,11 +105,12 @@ fn connections_needed(s: &Scenario) -> usize {
         Scenario::Search { load, .. } => load.subscribers + load.shape.publishers.unwrap_or(64),
         Scenario::Idle { load, .. } => load.connections,
         Scenario::Connect { load, .. } => load.connections,
+        // Both ends of every connection are in this process.
+        Scenario::Floor { load } => load.connections * 2,
     }
 }
 
 async fn run(cli: Cli, nofile: u64) -> Result<()> {
-    let common = common(&cli.scenario).clone();
     let needed = connections_needed(&cli.scenario) as u64 + 64;
     // Past the hard limit, only a privileged process can go further; spawned gateways
     // inherit whatever is reached here.
@@ -121,6 +125,19 @@ async fn run(cli: Cli, nofile: u64) -> Result<()> {
              hard limit (`ulimit -Hn`, or run as root with a higher `ulimit -n`)"
         ));
     }
+    if let Scenario::Floor { load } = &cli.scenario {
+        let run = floor::floor(load, Output { json: load.json });
+        return match tokio::time::timeout(Duration::from_secs(load.duration_limit), run).await {
+            Ok(r) => r.map(drop),
+            Err(_) => Err(anyhow!(
+                "the scenario ran longer than --duration-limit {}s",
+                load.duration_limit
+            )),
+        };
+    }
+    let Some(common) = common(&cli.scenario).cloned() else {
+        return Err(anyhow!("this scenario needs no deployment"));
+    };
     let limit = Duration::from_secs(common.duration_limit);
     let dep = Deployment::open(&common).await?;
     let out = Output { json: common.json };
@@ -137,6 +154,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<()> {
             Scenario::Connect { load, .. } => connect::connect(&dep, load, concurrency, out)
                 .await
                 .map(drop),
+            Scenario::Floor { .. } => Err(anyhow!("floor runs without a deployment")),
         }
     };
     // A signal during the scenario still goes through `close`, which kills and reaps the

@@ -85,7 +85,7 @@ pub fn cpu_ticks(pid: u32) -> Result<u64> {
 
 /// Fields after the command name (which may hold spaces and parentheses): the 12th and 13th
 /// are utime and stime (fields 14 and 15 of the whole line).
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;

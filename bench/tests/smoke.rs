@@ -93,6 +93,53 @@ async fn fanout_reports_every_delivery_without_loss_or_duplicates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floor_writes_every_frame_once_and_reports_its_cost() {
+    let out = bench(&[
+        "floor",
+        "-c",
+        "30",
+        "--senders",
+        "3",
+        "-r",
+        "200",
+        "-m",
+        "50",
+        "--size",
+        "200",
+    ])
+    .await;
+    let v = result(&out);
+    assert_eq!(v["scenario"], "floor");
+    assert_eq!(v["expected"], 1500);
+    assert_eq!(v["received"], 1500);
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["duplicates"], 0);
+    // 200-byte payloads need the 16-bit length form: 4 header bytes.
+    assert_eq!(v["frame_bytes"], 204);
+    let senders = v["per_sender"].as_array().unwrap();
+    assert_eq!(senders.len(), 3);
+    for s in senders {
+        assert_eq!(s["connections"], 10);
+        assert_eq!(s["writes"], 500);
+    }
+    assert_eq!(v["latency"]["count"], 1500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floor_refuses_impossible_shapes() {
+    for args in [
+        &["floor", "-c", "1", "--senders", "2"][..],
+        &["floor", "-r", "0"],
+        &["floor", "-m", "0"],
+        &["floor", "-c", "10", "-m", "100000000"],
+    ] {
+        let out = bench(args).await;
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(!out.stderr.is_empty(), "{args:?} should say why");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_connect_count_their_joined_connections() {
     let gw = InProcess::start().await;
     let target = format!("ws://{}", gw.addr);
