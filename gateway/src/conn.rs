@@ -19,7 +19,6 @@ use hyper_util::rt::TokioIo;
 use sha1::{Digest, Sha1};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 
 use crate::broker::BrokerError;
 use crate::error::{ApiError, ClientError};
@@ -107,9 +106,17 @@ pub async fn serve_upgraded(hub: Hub, on_upgrade: OnUpgrade, slot: Slot, setting
     // reads wait for readiness without holding a buffer). Embedders' servers may wrap it.
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
-            let (r, w) = parts.io.into_inner().into_split();
-            let writer = Writer::Tcp(Arc::new(w));
-            run(hub, TcpReader(r), writer, parts.read_buf, slot, settings).await;
+            let socket = Arc::new(parts.io.into_inner());
+            let writer = Writer::Tcp(socket.clone());
+            run(
+                hub,
+                TcpReader(socket),
+                writer,
+                parts.read_buf,
+                slot,
+                settings,
+            )
+            .await;
         }
         Err(upgraded) => {
             let (r, w) = tokio::io::split(TokioIo::new(upgraded));
@@ -121,8 +128,8 @@ pub async fn serve_upgraded(hub: Hub, on_upgrade: OnUpgrade, slot: Slot, setting
 
 /// Where the writer puts bytes.
 enum Writer {
-    /// A TCP socket, shared with the outbox for direct writes.
-    Tcp(Arc<tokio::net::tcp::OwnedWriteHalf>),
+    /// A TCP socket, shared with the reader and with the outbox for direct writes.
+    Tcp(Arc<TcpStream>),
     /// Any other stream (an embedder's server may wrap the socket).
     Generic(Box<dyn AsyncWrite + Unpin + Send>),
 }
@@ -136,7 +143,7 @@ trait ReadSource: Send {
     ) -> impl Future<Output = std::io::Result<usize>> + Send;
 }
 
-struct TcpReader(OwnedReadHalf);
+struct TcpReader(Arc<TcpStream>);
 
 impl ReadSource for TcpReader {
     async fn read_into(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {

@@ -28,6 +28,10 @@ use crate::outbox::{Kind, Outbox, QueueLimits};
 use crate::types::{Channel, SocketId, Topic};
 
 const SHARDS: usize = 64;
+/// Recipients of a fan-out whose memory is touched ahead of pushing to them (see
+/// [`Outbox::warm`]).
+const WARM_AHEAD: usize = 16;
+
 /// Deliveries per 10 ms that may be written directly from the delivering thread (see
 /// [`Hub::direct_fanout`]): 100,000 per second.
 const DIRECT_BUDGET: u64 = 1000;
@@ -192,7 +196,7 @@ impl Hub {
     /// and its own direct channel. Its outbox holds everything until [`Hub::open`] sends the
     /// `session` envelope. With `socket`, frames are written to it directly whenever nothing
     /// is queued.
-    pub fn register(&self, socket: Option<Arc<tokio::net::tcp::OwnedWriteHalf>>) -> Arc<Conn> {
+    pub fn register(&self, socket: Option<Arc<tokio::net::TcpStream>>) -> Arc<Conn> {
         let id = SocketId::generate();
         let conn = Arc::new(Conn {
             id,
@@ -406,6 +410,32 @@ impl Hub {
         conn.last_seen.store(self.now_ms(), Ordering::Relaxed);
     }
 
+    /// Pushes `frame` to every connection of `conns`, touching each group of
+    /// [`WARM_AHEAD`] recipients' memory before pushing to them (see [`Outbox::warm`]).
+    fn push_all<'a>(
+        &self,
+        conns: impl Iterator<Item = &'a Arc<Conn>>,
+        frame: &Bytes,
+        direct: bool,
+    ) {
+        let mut conns = conns;
+        let mut ahead: [Option<&Arc<Conn>>; WARM_AHEAD] = [None; WARM_AHEAD];
+        loop {
+            let mut n = 0;
+            for (slot, conn) in ahead.iter_mut().zip(conns.by_ref()) {
+                conn.outbox.warm();
+                *slot = Some(conn);
+                n += 1;
+            }
+            if n == 0 {
+                return;
+            }
+            for conn in ahead[..n].iter().flatten() {
+                self.push(conn, frame, direct);
+            }
+        }
+    }
+
     fn push(&self, conn: &Conn, frame: &Bytes, direct: bool) {
         let limits = &self.shared.limits.queue;
         let m = &self.shared.metrics;
@@ -538,9 +568,7 @@ impl Sink for Hub {
                 if let Some(subs) = shard.get(topic) {
                     let frame = frame.encode();
                     let direct = self.direct_fanout(subs.len());
-                    for conn in subs {
-                        self.push(conn, &frame, direct);
-                    }
+                    self.push_all(subs.iter(), &frame, direct);
                 }
             }
             Channel::Socket(id) => {
@@ -553,9 +581,7 @@ impl Sink for Hub {
                 let frame = frame.encode();
                 let direct = self.direct_fanout(self.connection_count());
                 for shard in &self.shared.conns {
-                    for conn in read(shard).values() {
-                        self.push(conn, &frame, direct);
-                    }
+                    self.push_all(read(shard).values(), &frame, direct);
                 }
             }
         }
