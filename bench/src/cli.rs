@@ -57,6 +57,13 @@ pub enum Scenario {
         #[command(flatten)]
         load: FloorArgs,
     },
+    /// Internal: a helper process of `idle` and `connect` that opens and holds a range of
+    /// connections when one process may not hold them all.
+    #[command(hide = true)]
+    Hold {
+        #[command(flatten)]
+        load: HoldArgs,
+    },
 }
 
 /// Where the gateways are (or how to start them), what to measure, how to report.
@@ -109,6 +116,10 @@ pub struct Common {
     /// Stop (with an error) when the whole scenario takes longer than this.
     #[arg(long, default_value_t = 300, value_name = "SECS")]
     pub duration_limit: u64,
+    /// idle and connect: connections one bench process opens at most; the rest are opened by
+    /// helper processes (default: what the open-file limit allows).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub conns_per_process: Option<u64>,
     /// Print results as JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -222,4 +233,26 @@ pub struct FloorArgs {
     /// Print results as JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HoldArgs {
+    /// WebSocket URL of each replica, in the parent's order.
+    #[arg(long = "target", value_name = "URL")]
+    pub targets: Vec<String>,
+    /// First connection number (decides replica, topic and source address).
+    #[arg(long)]
+    pub from: usize,
+    /// One past the last connection number.
+    #[arg(long)]
+    pub to: usize,
+    /// Topic name prefix, as the parent's.
+    #[arg(long)]
+    pub topic_base: String,
+    /// Topic count, as the parent's.
+    #[arg(long)]
+    pub topics: usize,
+    /// Connections being set up at once.
+    #[arg(long, default_value_t = 100)]
+    pub concurrency: usize,
 }

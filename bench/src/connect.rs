@@ -1,21 +1,25 @@
-//! Opening many joined connections: the `connect` scenario (how fast) and the helper the
-//! `idle` scenario uses to hold them.
+//! Opening many joined connections: the `connect` scenario (how fast), the helper the `idle`
+//! scenario uses to hold them, and the helper processes that hold what one process cannot.
 
 use std::fmt::Write as _;
+use std::ops::Range;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::cli::ConnectArgs;
-use crate::client::{self, Ws};
-use crate::deployment::Deployment;
+use crate::cli::{ConnectArgs, HoldArgs};
+use crate::client::{self, Ws, WsEndpoint};
+use crate::deployment::{self, Deployment};
 use crate::fanout::topic_names;
 use crate::procfs::{self, CpuSnapshot, CpuUse};
 use crate::report::{self, Latency, Output};
@@ -23,6 +27,10 @@ use crate::report::{self, Latency, Output};
 /// Connections that are open and joined, per replica.
 pub struct Opened {
     pub conns: Vec<Ws>,
+    /// Connections held by helper processes (see [`open_joined`]).
+    pub helper_conns: u64,
+    /// Helper processes holding the rest; killed (closing their connections) on drop.
+    helpers: Vec<Child>,
     pub per_replica: Vec<u64>,
     pub failed: u64,
     pub first_error: Option<String>,
@@ -31,37 +39,214 @@ pub struct Opened {
     pub elapsed: Duration,
 }
 
-/// Opens `n` connections round-robin over the replicas, at most `concurrency` at a time;
-/// connection `i` joins `topics[i mod T]` and waits for the acknowledgement. Failures are
-/// counted, not fatal.
+impl Opened {
+    /// Connections open and joined, in this process and its helpers.
+    pub fn ok(&self) -> u64 {
+        self.conns.len() as u64 + self.helper_conns
+    }
+
+    /// Processes holding connections besides this one.
+    pub fn helper_processes(&self) -> usize {
+        self.helpers.len()
+    }
+}
+
+/// What a helper process reports once its share is open (one JSON line on its stdout).
+#[derive(Debug, Serialize, Deserialize)]
+struct HelperReport {
+    ok: u64,
+    failed: u64,
+    first_error: Option<String>,
+    per_replica: Vec<u64>,
+    /// The latency histogram as (value µs, count) pairs.
+    latency: Vec<(u64, u64)>,
+}
+
+/// Connections one bench process holds at most: `asked`, and never more than its open-file
+/// limit, less a reserve, allows.
+fn per_process_capacity(asked: Option<u64>) -> usize {
+    let soft = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+    let fits = soft.saturating_sub(256).max(64);
+    usize::try_from(asked.map_or(fits, |a| a.min(fits))).unwrap_or(usize::MAX)
+}
+
+/// Opens `n` connections round-robin over the replicas, at most `concurrency` at a time per
+/// process; connection `i` joins topic `i mod T` of `topic_names(topic_base, T)` and waits
+/// for the acknowledgement. Failures are counted, not fatal.
+///
+/// More connections than this process may hold open files for are opened by helper
+/// processes (this binary's hidden `hold` command), started at the same time, each with a
+/// contiguous range of connection numbers; they keep their connections until the returned
+/// value is dropped.
 ///
 /// # Errors
-/// Only when nothing could be set up at all.
+/// When nothing could be set up at all, or a helper could not start or report.
 pub async fn open_joined(
     dep: &Deployment,
     n: usize,
+    (topic_base, t): (&str, usize),
+    (concurrency, per_process): (usize, Option<u64>),
+    label: &str,
+) -> Result<Opened> {
+    let topics = Arc::new(topic_names(Some(topic_base), t)?);
+    let cap = per_process_capacity(per_process);
+    let started = Instant::now();
+    let mut helpers = Vec::new();
+    let mut from = n.min(cap);
+    while from < n {
+        let to = (from + cap).min(n);
+        helpers.push(spawn_helper(dep, from..to, (topic_base, t), concurrency)?);
+        from = to;
+    }
+    if !helpers.is_empty() {
+        eprintln!(
+            "[{label}] {} connections per process at most (open-file limit): {} helper \
+             process(es) open the rest",
+            report::count(cap as u64),
+            helpers.len()
+        );
+    }
+    let mut opened = open_range(&dep.replicas, 0..n.min(cap), topics, concurrency, label).await?;
+    for (mut child, range) in helpers {
+        let line = match child.stdout.as_mut() {
+            Some(out) => BufReader::new(out).lines().next_line().await?,
+            None => None,
+        };
+        let Some(line) = line else {
+            bail!("the helper for connections {range:?} ended without reporting");
+        };
+        let r: HelperReport = serde_json::from_str(&line)
+            .with_context(|| format!("the helper for connections {range:?} reported {line:?}"))?;
+        opened.helper_conns += r.ok;
+        opened.failed += r.failed;
+        if opened.first_error.is_none() {
+            opened.first_error = r.first_error;
+        }
+        for (mine, theirs) in opened.per_replica.iter_mut().zip(&r.per_replica) {
+            *mine += theirs;
+        }
+        for (value, count) in r.latency {
+            let _ = opened.latency.record_n(value, count);
+        }
+        opened.helpers.push(child);
+    }
+    opened.elapsed = started.elapsed();
+    Ok(opened)
+}
+
+fn spawn_helper(
+    dep: &Deployment,
+    range: Range<usize>,
+    (topic_base, t): (&str, usize),
+    concurrency: usize,
+) -> Result<(Child, Range<usize>)> {
+    let exe = std::env::current_exe().context("locating this binary for a helper process")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("hold")
+        .args([
+            "--from",
+            &range.start.to_string(),
+            "--to",
+            &range.end.to_string(),
+        ])
+        .args(["--topic-base", topic_base, "--topics", &t.to_string()])
+        .args(["--concurrency", &concurrency.to_string()]);
+    for r in &dep.replicas {
+        cmd.args(["--target", &r.url]);
+    }
+    let child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting a helper process")?;
+    Ok((child, range))
+}
+
+/// The hidden `hold` command: opens connections `from..to` like [`open_joined`], reports them
+/// as one JSON line, and keeps them open until its stdin closes.
+///
+/// # Errors
+/// Bad targets, or nothing could be set up.
+pub async fn hold(args: &HoldArgs) -> Result<()> {
+    let endpoints = args
+        .targets
+        .iter()
+        .map(|t| deployment::ws_endpoint(t, "/ws"))
+        .collect::<Result<Vec<_>>>()?;
+    if endpoints.is_empty() || args.from >= args.to {
+        bail!("hold needs at least one --target and --from < --to");
+    }
+    let topics = Arc::new(topic_names(Some(&args.topic_base), args.topics.max(1))?);
+    let label = format!("helper {}..{}", args.from, args.to);
+    let opened = open_range(
+        &endpoints,
+        args.from..args.to,
+        topics,
+        args.concurrency,
+        &label,
+    )
+    .await?;
+    let report = HelperReport {
+        ok: opened.ok(),
+        failed: opened.failed,
+        first_error: opened.first_error.clone(),
+        per_replica: opened.per_replica.clone(),
+        latency: opened
+            .latency
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect(),
+    };
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", serde_json::to_string(&report)?)?;
+        out.flush()?;
+    }
+    // Hold the connections until the parent closes our stdin (or kills us).
+    tokio::task::spawn_blocking(|| {
+        use std::io::Read as _;
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+    })
+    .await?;
+    drop(opened);
+    Ok(())
+}
+
+/// Opens connections `range` (numbers decide replica, topic and source address) in this
+/// process.
+async fn open_range(
+    replicas: &[WsEndpoint],
+    range: Range<usize>,
     topics: Arc<Vec<String>>,
     concurrency: usize,
     label: &str,
 ) -> Result<Opened> {
-    let replicas = dep.replicas.len();
+    let n = range.len();
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
     let started = Instant::now();
     let mut pending = FuturesUnordered::new();
-    for i in 0..n {
-        let endpoint = dep.replicas[i % replicas].clone();
+    let replica_count = replicas.len();
+    for i in range {
+        let endpoint = replicas[i % replica_count].clone();
         let (sem, topics) = (sem.clone(), topics.clone());
         pending.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await;
             let t0 = Instant::now();
             let mut ws = client::connect(&endpoint, i).await?;
             client::join(&mut ws, &topics[i % topics.len()], i as u64).await?;
-            Ok::<_, anyhow::Error>((ws, i % replicas, t0.elapsed()))
+            Ok::<_, anyhow::Error>((ws, i % replica_count, t0.elapsed()))
         }));
     }
     let mut opened = Opened {
         conns: Vec::with_capacity(n),
-        per_replica: vec![0; replicas],
+        helper_conns: 0,
+        helpers: Vec::new(),
+        per_replica: vec![0; replica_count],
         failed: 0,
         first_error: None,
         latency: report::new_histogram(),
@@ -140,6 +325,9 @@ pub struct ConnectReport {
     /// Machine-wide listen-queue overflows during the run (SYNs dropped by a full accept
     /// queue: those clients waited for a retransmission).
     pub listen_overflows: Option<u64>,
+    /// Bench processes that held the connections (more than one past the open-file limit;
+    /// the bench's CPU line covers the first only).
+    pub bench_processes: usize,
     pub cpu: Vec<CpuUse>,
 }
 
@@ -180,6 +368,13 @@ impl ConnectReport {
             );
         }
         report::cpu_table(&mut o, &self.cpu, "conn");
+        if self.bench_processes > 1 {
+            let _ = writeln!(
+                o,
+                "  ({} bench processes held the connections; the bench line is the first one's)",
+                self.bench_processes
+            );
+        }
         o
     }
 }
@@ -191,26 +386,30 @@ impl ConnectReport {
 pub async fn connect(
     dep: &Deployment,
     args: &ConnectArgs,
-    concurrency: usize,
+    (concurrency, per_process): (usize, Option<u64>),
     out: Output,
 ) -> Result<ConnectReport> {
     if args.connections == 0 {
         bail!("--connections must be at least 1");
     }
     let t = topic_count(args.topics, args.connections);
-    let topics = Arc::new(topic_names(
-        Some(&format!("conn-{}", std::process::id())),
-        t,
-    )?);
+    let base = format!("conn-{}", std::process::id());
     dep.warn_fd_limits(args.connections.div_ceil(dep.replicas.len()));
     let overflows_before = procfs::listen_overflows();
     let before = CpuSnapshot::take(&dep.processes);
-    let opened = open_joined(dep, args.connections, topics, concurrency, "connect").await?;
+    let opened = open_joined(
+        dep,
+        args.connections,
+        (&base, t),
+        (concurrency, per_process),
+        "connect",
+    )
+    .await?;
     let after = CpuSnapshot::take(&dep.processes);
     let listen_overflows = procfs::listen_overflows()
         .zip(overflows_before)
         .map(|(a, b)| a.saturating_sub(b));
-    let ok = opened.conns.len() as u64;
+    let ok = opened.ok();
     let elapsed = opened.elapsed.as_secs_f64().max(1e-9);
     let report = ConnectReport {
         scenario: "connect",
@@ -226,6 +425,7 @@ pub async fn connect(
         latency: Latency::of(&opened.latency),
         per_replica: opened.per_replica.clone(),
         listen_overflows,
+        bench_processes: 1 + opened.helper_processes(),
         cpu: procfs::cpu_use(&dep.processes, &before, &after, ok),
     };
     drop(opened);

@@ -173,7 +173,7 @@ fn loopback_addr(url: &Url, default_port: u16) -> Result<SocketAddr> {
     Ok(SocketAddr::new(ip, port))
 }
 
-fn ws_endpoint(target: &str, default_path: &str) -> Result<WsEndpoint> {
+pub fn ws_endpoint(target: &str, default_path: &str) -> Result<WsEndpoint> {
     let url = Url::parse(target).with_context(|| format!("--target {target}"))?;
     if url.scheme() != "ws" {
         bail!("--target {target}: expected ws://HOST:PORT[/PATH]");

@@ -2,7 +2,6 @@
 //! resident memory, and what they cost Redis in channels and memory.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -11,7 +10,6 @@ use serde::Serialize;
 use crate::cli::IdleArgs;
 use crate::connect::{open_joined, topic_count};
 use crate::deployment::Deployment;
-use crate::fanout::topic_names;
 use crate::procfs::{self, Role};
 use crate::report::{self, Output};
 use crate::resp;
@@ -54,6 +52,8 @@ pub struct IdleReport {
     pub gateway_bytes_per_connection: Option<f64>,
     pub redis: Option<RedisMemory>,
     pub bench_rss: Option<u64>,
+    /// Bench processes that held the connections (more than one past the open-file limit).
+    pub bench_processes: usize,
 }
 
 impl IdleReport {
@@ -118,6 +118,13 @@ impl IdleReport {
         if let Some(b) = self.bench_rss {
             let _ = writeln!(o, "  (bench RSS {})", report::bytes(b as f64));
         }
+        if self.bench_processes > 1 {
+            let _ = writeln!(
+                o,
+                "  ({} bench processes held the connections)",
+                self.bench_processes
+            );
+        }
         o
     }
 }
@@ -147,7 +154,7 @@ async fn redis_state(dep: &Deployment, pattern: &str) -> Option<(u64, u64, u64)>
 pub async fn idle(
     dep: &Deployment,
     args: &IdleArgs,
-    concurrency: usize,
+    (concurrency, per_process): (usize, Option<u64>),
     out: Output,
 ) -> Result<IdleReport> {
     if args.connections == 0 {
@@ -155,7 +162,6 @@ pub async fn idle(
     }
     let t = topic_count(args.topics, args.connections);
     let base = format!("idle-{}", std::process::id());
-    let topics = Arc::new(topic_names(Some(&base), t)?);
     let pattern = if t == 1 {
         format!("{}:{base}", dep.key_prefix)
     } else {
@@ -174,11 +180,18 @@ pub async fn idle(
         .collect();
     let redis_before = redis_state(dep, &pattern).await;
 
-    let opened = open_joined(dep, args.connections, topics, concurrency, "idle").await?;
+    let opened = open_joined(
+        dep,
+        args.connections,
+        (&base, t),
+        (concurrency, per_process),
+        "idle",
+    )
+    .await?;
     eprintln!("[idle] settling for {:.1}s", args.settle_secs);
     tokio::time::sleep(Duration::from_secs_f64(args.settle_secs.max(0.0))).await;
 
-    let ok = opened.conns.len() as u64;
+    let ok = opened.ok();
     let redis_after = redis_state(dep, &pattern).await;
     let mut gateway_index = 0;
     let mut gateway_delta: Option<i64> = None;
@@ -242,6 +255,7 @@ pub async fn idle(
             .map(|d| d as f64 / ok as f64),
         redis,
         bench_rss: procfs::rss_bytes(std::process::id()).ok(),
+        bench_processes: 1 + opened.helper_processes(),
     };
     drop(opened);
     out.emit(&report, || report.human());

@@ -94,7 +94,7 @@ fn common(s: &Scenario) -> Option<&Common> {
         | Scenario::Search { common, .. }
         | Scenario::Idle { common, .. }
         | Scenario::Connect { common, .. } => Some(common),
-        Scenario::Floor { .. } => None,
+        Scenario::Floor { .. } | Scenario::Hold { .. } => None,
     }
 }
 
@@ -107,6 +107,7 @@ fn connections_needed(s: &Scenario) -> usize {
         Scenario::Connect { load, .. } => load.connections,
         // Both ends of every connection are in this process.
         Scenario::Floor { load } => load.connections * 2,
+        Scenario::Hold { load } => load.to.saturating_sub(load.from),
     }
 }
 
@@ -119,11 +120,19 @@ async fn run(cli: Cli, nofile: u64) -> Result<()> {
     } else {
         nofile
     };
-    if needed > nofile {
+    // idle and connect hand what does not fit to helper processes.
+    let spreads = matches!(
+        cli.scenario,
+        Scenario::Idle { .. } | Scenario::Connect { .. }
+    );
+    if needed > nofile && !spreads {
         return Err(anyhow!(
             "this run needs about {needed} file descriptors but the limit is {nofile}; raise the \
              hard limit (`ulimit -Hn`, or run as root with a higher `ulimit -n`)"
         ));
+    }
+    if let Scenario::Hold { load } = &cli.scenario {
+        return connect::hold(load).await;
     }
     if let Scenario::Floor { load } = &cli.scenario {
         let run = floor::floor(load, Output { json: load.json });
@@ -142,6 +151,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<()> {
     let dep = Deployment::open(&common).await?;
     let out = Output { json: common.json };
     let concurrency = common.concurrency;
+    let per_process = common.conns_per_process;
     let scenario = async {
         match &cli.scenario {
             Scenario::Fanout { load, .. } => {
@@ -150,11 +160,17 @@ async fn run(cli: Cli, nofile: u64) -> Result<()> {
             Scenario::Search { load, .. } => {
                 search::search(&dep, load, concurrency, out).await.map(drop)
             }
-            Scenario::Idle { load, .. } => idle::idle(&dep, load, concurrency, out).await.map(drop),
-            Scenario::Connect { load, .. } => connect::connect(&dep, load, concurrency, out)
+            Scenario::Idle { load, .. } => idle::idle(&dep, load, (concurrency, per_process), out)
                 .await
                 .map(drop),
-            Scenario::Floor { .. } => Err(anyhow!("floor runs without a deployment")),
+            Scenario::Connect { load, .. } => {
+                connect::connect(&dep, load, (concurrency, per_process), out)
+                    .await
+                    .map(drop)
+            }
+            Scenario::Floor { .. } | Scenario::Hold { .. } => {
+                Err(anyhow!("this scenario runs without a deployment"))
+            }
         }
     };
     // A signal during the scenario still goes through `close`, which kills and reaps the

@@ -176,6 +176,50 @@ async fn idle_and_connect_count_their_joined_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helper_processes_hold_what_one_process_may_not_and_go_away_after() {
+    let gw = InProcess::start().await;
+    let target = format!("ws://{}", gw.addr);
+    let stats = format!("http://{}/api/stats", gw.addr);
+    for scenario in ["idle", "connect"] {
+        let mut args = vec![
+            scenario,
+            "--target",
+            &target,
+            "-n",
+            "50",
+            "--conns-per-process",
+            "15",
+        ];
+        if scenario == "idle" {
+            args.extend(["--settle-secs", "0.1"]);
+        }
+        let out = bench(&args).await;
+        let v = result(&out);
+        assert_eq!(v["ok"], 50, "{scenario}");
+        assert_eq!(v["failed"], 0, "{scenario}");
+        // 15 + 15 + 15 + 5.
+        assert_eq!(v["bench_processes"], 4, "{scenario}");
+        if scenario == "connect" {
+            assert_eq!(v["latency"]["count"], 50);
+        }
+        // Once the bench has exited, its helpers are gone and so are their connections.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let s: Value = reqwest::get(&stats).await.unwrap().json().await.unwrap();
+            if s["connections"] == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{scenario}: connections left open: {s}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_stops_at_the_max_rate_when_every_step_passes() {
     let gw = InProcess::start().await;
     let target = format!("ws://{}", gw.addr);
