@@ -16,8 +16,11 @@ pub type Ws = WebSocketStream<TcpStream>;
 /// How long a connect, a handshake or a join acknowledgement may take.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Connections per loopback source address: past this, sockets bind 127.0.0.2, .3, … so that
-/// many thousands of connections do not run out of ephemeral ports.
+/// Connections to one replica per loopback source address: past this, sockets bind
+/// 127.0.0.2, .3, … so that many thousands of connections do not run out of ephemeral ports.
+/// (Below it, the kernel picks ports per destination, so connections to different replicas
+/// share the range; a bound source address takes its port for every destination, and a
+/// previous run's TIME_WAIT sockets hold theirs for a minute.)
 const CONNS_PER_SOURCE_IP: usize = 16_000;
 
 /// One replica's WebSocket endpoint.
@@ -36,7 +39,8 @@ fn ws_config() -> WebSocketConfig {
         .max_message_size(Some(16 << 20))
 }
 
-/// Opens a WebSocket connection; `index` picks the loopback source address.
+/// Opens a WebSocket connection; `index`, the connection's number among those to this
+/// endpoint, picks the loopback source address.
 ///
 /// # Errors
 /// Connect or handshake failures, or a time-out.

@@ -237,7 +237,7 @@ async fn open_range(
         pending.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await;
             let t0 = Instant::now();
-            let mut ws = client::connect(&endpoint, i).await?;
+            let mut ws = client::connect(&endpoint, i / replica_count).await?;
             client::join(&mut ws, &topics[i % topics.len()], i as u64).await?;
             Ok::<_, anyhow::Error>((ws, i % replica_count, t0.elapsed()))
         }));

@@ -140,7 +140,7 @@ impl Session {
             tasks.push(tokio::spawn(async move {
                 let permit = sem.acquire_owned().await;
                 let setup = async {
-                    let mut ws = client::connect(&endpoint, i).await?;
+                    let mut ws = client::connect(&endpoint, i / n).await?;
                     client::join(&mut ws, &topic, i as u64).await?;
                     Ok::<_, anyhow::Error>(ws)
                 }

@@ -134,7 +134,7 @@ pub async fn floor(args: &FloorArgs, out: Output) -> Result<FloorReport> {
         let connecting = connecting.clone();
         receivers.push(tokio::spawn(async move {
             let permit = connecting.acquire_owned().await;
-            let ws = client::connect(&endpoint, i).await;
+            let ws = client::connect(&endpoint, i / k).await;
             drop(permit);
             receiver(ws?, run, m, frame_len).await
         }));
