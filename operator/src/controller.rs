@@ -421,7 +421,8 @@ fn spec_hash<K: Serialize>(desired: &K) -> Result<String> {
 }
 
 /// Whether every field of `desired` is present with the same value in `live`. Lists must have the
-/// same length; fields only the API server adds (defaults, status, metadata) are ignored.
+/// same length; fields only the API server adds (defaults, status, metadata) are ignored, and so
+/// is the API server's rewriting of quantities (`0.5` is stored as `500m`, `1024Mi` as `1Gi`).
 #[must_use]
 pub fn is_subset(desired: &Value, live: &Value) -> bool {
     match (desired, live) {
@@ -431,8 +432,55 @@ pub fn is_subset(desired: &Value, live: &Value) -> bool {
         (Value::Array(d), Value::Array(l)) => {
             d.len() == l.len() && d.iter().zip(l).all(|(dv, lv)| is_subset(dv, lv))
         }
+        (Value::String(d), Value::String(l)) => d == l || same_quantity(d, l),
         (d, l) => d == l,
     }
+}
+
+/// Whether two strings are the same Kubernetes quantity written differently. Only consulted
+/// when the hash of what the operator applies is unchanged, so treating two equal numbers in
+/// another field as equal can hide nothing the operator wants to change.
+fn same_quantity(a: &str, b: &str) -> bool {
+    match (quantity(a), quantity(b)) {
+        (Some(x), Some(y)) => (x - y).abs() <= f64::EPSILON * 16.0 * x.abs().max(y.abs()),
+        _ => false,
+    }
+}
+
+/// The value of a Kubernetes quantity (`<number><suffix>`, suffix binary `Ki`…`Ei`, decimal
+/// `n u m k M G T P E`, or an exponent `e3`/`E3`), or `None` when `s` is not one.
+fn quantity(s: &str) -> Option<f64> {
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(split);
+    if number.is_empty() || !number.bytes().any(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let value: f64 = number.parse().ok()?;
+    let scale = match suffix {
+        "" => 1.0,
+        "Ki" => 1024_f64,
+        "Mi" => 1024_f64.powi(2),
+        "Gi" => 1024_f64.powi(3),
+        "Ti" => 1024_f64.powi(4),
+        "Pi" => 1024_f64.powi(5),
+        "Ei" => 1024_f64.powi(6),
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        exp => {
+            let digits = exp.strip_prefix(['e', 'E'])?;
+            10_f64.powi(digits.parse::<i32>().ok()?)
+        }
+    };
+    Some(value * scale)
 }
 
 #[cfg(test)]
@@ -446,6 +494,26 @@ mod tests {
         assert!(is_subset(&desired, &live));
         assert!(!is_subset(&json!({"spec": {"replicas": 3}}), &live));
         assert!(!is_subset(&json!({"spec": {"ports": []}}), &live));
+    }
+
+    #[test]
+    fn quantities_the_api_server_rewrites_count_as_unchanged() {
+        let desired = json!({"resources": {"requests": {"cpu": "0.5", "memory": "1024Mi"}}});
+        let live = json!({"resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}});
+        assert!(is_subset(&desired, &live));
+        assert!(!is_subset(&json!({"cpu": "0.6"}), &json!({"cpu": "500m"})));
+        assert!(is_subset(&json!({"m": "1e3"}), &json!({"m": "1k"})));
+        assert!(!is_subset(
+            &json!({"image": "wsgate:1"}),
+            &json!({"image": "wsgate:1.0"})
+        ));
+        assert!(!is_subset(
+            &json!({"policy": "Always"}),
+            &json!({"policy": "E"})
+        ));
+        assert_eq!(quantity("-"), None);
+        assert_eq!(quantity("12Xi"), None);
+        assert_eq!(quantity("2Ki"), Some(2048.0));
     }
 
     #[test]
