@@ -46,6 +46,8 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 pub const BACKOFF_BASE: Duration = Duration::from_secs(2);
 /// Longest retry delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// How long the operator trusts that the ServiceMonitor API is absent before asking again.
+pub const MONITOR_API_RECHECK: Duration = Duration::from_secs(300);
 
 /// Shared state of the controller.
 pub struct Context {
@@ -59,6 +61,10 @@ pub struct Context {
     pub recorder: Recorder,
     /// Consecutive transient failures per WsCluster (namespace/name), for backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// When the API server last said it serves no ServiceMonitors (prometheus-operator's CRD
+    /// is not installed). Until [`MONITOR_API_RECHECK`] has passed, clusters that want no
+    /// ServiceMonitor do not ask for one to delete: every such GET is a 404 the client logs.
+    monitor_api_absent: Mutex<Option<Instant>>,
 }
 
 impl Context {
@@ -72,6 +78,7 @@ impl Context {
             metrics,
             recorder,
             failures: Mutex::new(HashMap::new()),
+            monitor_api_absent: Mutex::new(None),
         }
     }
 
@@ -174,10 +181,10 @@ pub fn error_policy(wsc: Arc<WsCluster>, error: &Error, ctx: Arc<Context>) -> Ac
     if error.is_transient() {
         let failures = ctx.record_failure(&key_of(&wsc));
         let delay = backoff(failures);
-        warn!(wscluster = %key_of(&wsc), error = %error, failures, retry_in_secs = delay.as_secs(), "reconcile failed, retrying");
+        warn!(wscluster = %key_of(&wsc), error = %error.chain(), failures, retry_in_secs = delay.as_secs(), "reconcile failed, retrying");
         Action::requeue(delay)
     } else {
-        warn!(wscluster = %key_of(&wsc), error = %error, "reconcile failed, waiting for a change");
+        warn!(wscluster = %key_of(&wsc), error = %error.chain(), "reconcile failed, waiting for a change");
         Action::await_change()
     }
 }
@@ -268,17 +275,43 @@ async fn reconcile_inner(wsc: &WsCluster, ctx: &Context) -> Result<Outcome> {
 async fn reconcile_service_monitor(ctx: &Context, wsc: &WsCluster, id: &Identity) -> Result<bool> {
     let ar = resources::servicemonitor::api_resource();
     let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &id.namespace, &ar);
-    match resources::servicemonitor::service_monitor(wsc, id) {
+    let mut absent = ctx
+        .monitor_api_absent
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .filter(|since| since.elapsed() < MONITOR_API_RECHECK);
+    let result = match resources::servicemonitor::service_monitor(wsc, id) {
         Some(sm) => match apply(&api, sm).await {
             Ok(_) => Ok(false),
-            Err(Error::Kube(kube::Error::Api(status))) if status.code == 404 => Ok(true),
+            Err(Error::Kube(kube::Error::Api(status))) if status.code == 404 => {
+                absent = Some(Instant::now());
+                Ok(true)
+            }
             Err(e) => Err(e),
         },
+        // Nothing can exist to delete while the API is absent.
+        None if absent.is_some() => Ok(false),
         None => match delete_owned(&api, id).await {
-            Err(Error::Kube(kube::Error::Api(status))) if status.code == 404 => Ok(false),
+            // A 404 for the object itself says "NotFound"; for a resource type the API server
+            // does not serve, it has no reason.
+            Err(Error::Kube(kube::Error::Api(status))) if status.code == 404 => {
+                if status.reason != "NotFound" {
+                    absent = Some(Instant::now());
+                }
+                Ok(false)
+            }
             other => other.map(|()| false),
         },
+    };
+    if let Ok(false) = result
+        && resources::servicemonitor::service_monitor(wsc, id).is_some()
+    {
+        absent = None;
     }
+    *ctx.monitor_api_absent
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = absent;
+    result
 }
 
 /// Server-side applies `desired` unless the live object already matches it.
