@@ -355,11 +355,10 @@ impl Session<'_> {
             }
             Inbound::Pong => {}
             Inbound::Close(code) => {
-                // Echo the close handshake, after anything already queued.
-                let echo = match code {
-                    Some(c) if (1000..=1003).contains(&c) || (3000..=4999).contains(&c) => c,
-                    _ => close_code::NORMAL,
-                };
+                // Echo the close handshake with the client's code (the frame reader already
+                // failed the connection for a code that may not be sent), after anything
+                // already queued.
+                let echo = code.unwrap_or(close_code::NORMAL);
                 self.conn.outbox.close(echo, "", CloseReason::Client, false);
                 return Break(());
             }
