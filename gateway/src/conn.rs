@@ -249,6 +249,8 @@ async fn run<R>(
     // `Bytes` may pin hyper's whole read buffer for the life of the connection.
     let mut buf = BytesMut::from(&leftover[..]);
     drop(leftover);
+    // Whether the peer's side of the socket is gone (end of stream or an error).
+    let mut peer_gone = false;
     'outer: loop {
         // Handle everything already buffered before waiting for more.
         loop {
@@ -277,24 +279,33 @@ async fn run<R>(
                 Ok(0) => {
                     // End of stream without a close frame: nothing left to send to.
                     conn.outbox.abort(CloseReason::Client);
+                    peer_gone = true;
                     break;
                 }
                 Ok(_) => hub.touch(&conn),
                 Err(_) => {
                     conn.outbox.abort(CloseReason::IoError);
+                    peer_gone = true;
                     break;
                 }
             },
         }
     }
 
-    // Give the writer a bounded time to flush the close frame, then cut the socket.
-    let abort = writer_task.abort_handle();
-    if tokio::time::timeout(settings.close_timeout, writer_task)
-        .await
-        .is_err()
-    {
-        abort.abort();
+    if peer_gone {
+        // A peer that sent FIN or a reset reads nothing more: stop the writer now (it may be
+        // waiting on a full socket buffer) and clean up at once. The close timeout is for
+        // peers still connected that do not finish the closing handshake.
+        writer_task.abort();
+    } else {
+        // Give the writer a bounded time to flush the close frame, then cut the socket.
+        let abort = writer_task.abort_handle();
+        if tokio::time::timeout(settings.close_timeout, writer_task)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
     }
     hub.unregister(&conn);
     drop(slot);

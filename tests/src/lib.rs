@@ -495,6 +495,16 @@ impl RawClient {
         self.send_raw(&Self::frame(1, text.as_bytes())).await
     }
 
+    /// Joins `topic` with an ack id and waits for `room.joined` (the join barrier).
+    pub async fn join(&mut self, topic: &str) {
+        let cmd = serde_json::json!({"type": "room.join", "room": topic, "id": topic});
+        assert!(self.send_text(&cmd.to_string()).await);
+        let (op, payload) = self.next_frame().await.expect("no join ack");
+        assert_eq!(op, 1);
+        let ack: Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(ack["name"], "room.joined", "{ack}");
+    }
+
     /// The next frame, or `None` at end of stream or on a reset.
     pub async fn next_frame(&mut self) -> Option<RawFrame> {
         tokio::time::timeout(DEADLINE, self.read_frame())

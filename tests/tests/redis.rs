@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use wsgate_tests::{Client, DEADLINE, Http, ProcessGateway, Received, RedisServer, metric};
+use wsgate_tests::{
+    Client, DEADLINE, Http, ProcessGateway, RawClient, Received, RedisServer, metric,
+};
 
 async fn fleet(redis: &RedisServer, n: usize, prefix: &str, extra: &[&str]) -> Vec<ProcessGateway> {
     let url = redis.url();
@@ -772,4 +774,60 @@ async fn a_socket_is_reachable_from_any_replica_as_soon_as_its_session_arrives()
         .await;
     assert_eq!(status, 200);
     assert!(matches!(c.next().await, Received::Close(Some(1000), _)));
+}
+
+/// Polls until Redis lists no subscriber on any of `channels`.
+async fn wait_unsubscribed(redis: &RedisServer, channels: &[&str]) {
+    let deadline = Instant::now() + DEADLINE;
+    while channels.iter().any(|c| redis.numsub(c) != 0) {
+        assert!(Instant::now() < deadline, "still subscribed: {channels:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_vanishes_with_a_fin_or_a_reset_is_cleaned_up_at_once() {
+    let redis = RedisServer::start();
+    // A close timeout far past every deadline below: cleanup must not wait for it.
+    let gws = fleet(&redis, 1, "abrupt", &["--close-timeout-ms", "600000"]).await;
+    let http = gws[0].http();
+    for reset in [false, true] {
+        let how = if reset { "reset" } else { "fin" };
+        let mut c = RawClient::connect(gws[0].addr).await;
+        let topic = format!("abrupt:only-{how}");
+        c.join(&format!("only-{how}")).await;
+        let direct = format!("abrupt:__socket__:{}", c.socket_id);
+        assert_eq!(redis.numsub(&direct), 1);
+        assert_eq!(redis.numsub(&topic), 1);
+        let gone = Instant::now();
+        if reset {
+            c.drop_with_reset();
+        } else {
+            c.drop_with_fin();
+        }
+        http.wait_stats("the connection to be gone", |s| s["connections"] == 0)
+            .await;
+        let uncounted = gone.elapsed();
+        // Its direct channel and the topic it alone had joined are released in Redis too.
+        wait_unsubscribed(&redis, &[&direct, &topic]).await;
+        println!(
+            "{how}: uncounted after {uncounted:?}, unsubscribed in Redis after {:?}",
+            gone.elapsed()
+        );
+    }
+    let scrape = http.metrics().await;
+    assert_eq!(
+        metric(
+            &scrape,
+            "wsgate_connections_closed_total{reason=\"client\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &scrape,
+            "wsgate_connections_closed_total{reason=\"io_error\"}"
+        ),
+        Some(1.0)
+    );
 }
