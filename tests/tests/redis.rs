@@ -831,3 +831,111 @@ async fn a_client_that_vanishes_with_a_fin_or_a_reset_is_cleaned_up_at_once() {
         Some(1.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_publish_during_a_frozen_redis_is_answered_within_its_timeout() {
+    const TIMEOUT: Duration = Duration::from_millis(1000);
+    // Far above the gateway's own work on a loaded machine, far below the seconds a publish
+    // used to wait behind the ones before it.
+    const MARGIN: Duration = Duration::from_millis(1500);
+    const FREEZE: Duration = Duration::from_secs(10);
+    let redis = RedisServer::start();
+    let gws = fleet(&redis, 1, "freeze", &["--connect-timeout-ms", "1000"]).await;
+    let addr = gws[0].addr;
+    let mut c = gws[0].client().await;
+    c.join("t").await;
+    // Opens the publisher connection.
+    gws[0].http().publish("t", "before").await;
+    assert_eq!(c.next_text().await, "before");
+
+    redis.signal("-STOP");
+    let frozen = Instant::now();
+    // One publish every 100 ms, each from its own caller, as independent backends would.
+    let mut calls = Vec::new();
+    let mut n = 0;
+    while frozen.elapsed() < FREEZE {
+        let msg = format!("frozen-{n}");
+        n += 1;
+        calls.push(tokio::spawn(async move {
+            let http = Http::new(addr);
+            let sent = frozen.elapsed();
+            let status = publish_status(&http, "t", &msg).await;
+            (msg, sent, frozen.elapsed() - sent, status)
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    redis.signal("-CONT");
+    let resumed = frozen.elapsed();
+    let mut results = Vec::new();
+    for call in calls {
+        results.push(call.await.unwrap());
+    }
+
+    let slowest = results.iter().map(|r| r.2).max().unwrap();
+    let count = |s: u16| results.iter().filter(|r| r.3 == s).count();
+    println!(
+        "{} publishes over a {FREEZE:?} freeze (timeout {TIMEOUT:?}): slowest answer {slowest:?}; 200: {}, 503: {}, 504: {}",
+        results.len(),
+        count(200),
+        count(503),
+        count(504)
+    );
+    for (msg, sent, took, status) in &results {
+        assert!(
+            *took <= TIMEOUT + MARGIN,
+            "{msg} sent {sent:?} into the freeze was answered {status} after {took:?}"
+        );
+        assert!([200, 503, 504].contains(status), "{msg} answered {status}");
+        if *sent + *took < resumed {
+            assert_ne!(
+                *status, 200,
+                "{msg} was answered 200 while Redis was frozen"
+            );
+        }
+    }
+    // Once one PUBLISH went unanswered, the connection is declared broken: the publishes after
+    // that answer fail fast with 503 instead of queueing behind the frozen server.
+    let first_timeout = results
+        .iter()
+        .filter(|r| r.3 == 504)
+        .map(|r| r.1 + r.2)
+        .min()
+        .expect("no publish timed out");
+    for (msg, sent, took, status) in &results {
+        if *sent > first_timeout && *sent + *took < resumed {
+            assert_eq!(*status, 503, "{msg} sent {sent:?} into the freeze");
+        }
+    }
+
+    // After the freeze, publishing works again without any help...
+    let deadline = Instant::now() + DEADLINE;
+    let mut after = 0;
+    loop {
+        let msg = format!("after-{after}");
+        if publish_status(&gws[0].http(), "t", &msg).await == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "publishing never resumed");
+        after += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... and the subscriber got every 2xx-answered message and nothing answered 503 (not sent).
+    let mut got = Vec::new();
+    loop {
+        let m = c.next_text().await;
+        if m == format!("after-{after}") {
+            break;
+        }
+        got.push(m);
+    }
+    for (msg, _, _, status) in &results {
+        match status {
+            200 => assert!(
+                got.contains(msg),
+                "{msg} was answered 200 but never arrived"
+            ),
+            503 => assert!(!got.contains(msg), "{msg} was answered 503 yet delivered"),
+            _ => {}
+        }
+    }
+}

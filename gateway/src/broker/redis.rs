@@ -28,8 +28,9 @@ use rand::Rng;
 use redis::aio::{MultiplexedConnection, PubSubSink};
 use redis::{AsyncConnectionConfig, RedisError};
 use serde_json::json;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant as Deadline;
 
 use super::{BoxFuture, Broker, BrokerError, Message, Sink, wire};
 use crate::metrics::{BrokerMetrics, DropReason, Metrics};
@@ -95,6 +96,27 @@ struct State {
     sink: Option<Arc<dyn Sink>>,
 }
 
+/// The publisher connection's state.
+///
+/// Every publish has its own deadline, `timeout` after it arrived, and is answered by then
+/// whatever the others do: nothing waits on a lock held across a connect or a command. A
+/// PUBLISH left unanswered means Redis may be frozen or cut off; the connection is then
+/// declared broken, so later publishes fail fast (503: not sent) instead of queueing behind
+/// the unresponsive server, while one background task reconnects.
+#[derive(Clone)]
+enum PubConn {
+    /// Not connected (why, for the error): the next publish connects, and waits for it
+    /// within its own deadline.
+    Closed(Arc<str>),
+    /// A connect is under way; publishes wait for it within their own deadline.
+    Connecting,
+    /// Connected; the number tells connections apart, so that a late failure of an old one
+    /// cannot break its replacement.
+    Ready(MultiplexedConnection, u64),
+    /// A PUBLISH went unanswered: publishes fail fast until the background reconnect succeeds.
+    Broken,
+}
+
 /// What a replica knows of the others.
 #[derive(Default)]
 struct Peers {
@@ -121,7 +143,8 @@ struct Inner {
     stop: Notify,
     stopped: AtomicBool,
     up: AtomicBool,
-    publisher: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// The publisher connection; every publish reads it, only connects and failures change it.
+    publisher: watch::Sender<PubConn>,
     last_warning_ms: AtomicU64,
 }
 
@@ -186,7 +209,7 @@ impl RedisBroker {
                 stop: Notify::new(),
                 stopped: AtomicBool::new(false),
                 up: AtomicBool::new(false),
-                publisher: tokio::sync::Mutex::new(None),
+                publisher: watch::Sender::new(PubConn::Closed("not connected yet".into())),
                 last_warning_ms: AtomicU64::new(0),
             }),
             task: Mutex::new(None),
@@ -305,7 +328,12 @@ impl Inner {
                 // After an outage the publisher connection is usually stale: the first
                 // attempt drops it, the second reconnects.
                 for _ in 0..2 {
-                    let sent = self.send(self.replicas_channel(), payload.clone().into_bytes());
+                    let deadline = Deadline::now() + self.timeout;
+                    let sent = self.send(
+                        self.replicas_channel(),
+                        payload.clone().into_bytes(),
+                        deadline,
+                    );
                     if sent.await.is_ok() {
                         announced_up = true;
                         break;
@@ -592,24 +620,122 @@ impl Inner {
         }
     }
 
-    async fn publisher(&self) -> Result<MultiplexedConnection, BrokerError> {
-        let mut slot = self.publisher.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
+    /// The publisher connection, connecting first if there is none; `Err` (nothing sent) when
+    /// it is broken, the connect fails, or `deadline` passes first.
+    async fn publisher(
+        self: &Arc<Self>,
+        deadline: Deadline,
+    ) -> Result<(MultiplexedConnection, u64), BrokerError> {
+        let mut start = false;
+        self.publisher.send_if_modified(|st| {
+            start = matches!(st, PubConn::Closed(_));
+            if start {
+                *st = PubConn::Connecting;
+            }
+            start
+        });
+        if start {
+            tokio::spawn(self.clone().connect_publisher(false));
         }
-        let conn = tokio::time::timeout(
-            self.timeout,
-            self.client
-                .get_multiplexed_async_connection_with_config(&self.connection_config()),
+        let mut rx = self.publisher.subscribe();
+        let settled = tokio::time::timeout_at(
+            deadline,
+            rx.wait_for(|st| !matches!(st, PubConn::Connecting)),
         )
-        .await
-        .map_err(|_| BrokerError::Unavailable("Redis connect timed out".into()))?
-        .map_err(|e| BrokerError::Unavailable(format!("Redis unreachable: {e}")))?;
-        *slot = Some(conn.clone());
-        Ok(conn)
+        .await;
+        let state = match settled {
+            Ok(Ok(st)) => st.clone(),
+            Ok(Err(_)) => return Err(BrokerError::Stopped),
+            Err(_) => {
+                return Err(BrokerError::Unavailable(
+                    "Redis connect did not finish in time".into(),
+                ));
+            }
+        };
+        match state {
+            PubConn::Ready(conn, id) => Ok((conn, id)),
+            PubConn::Broken => Err(BrokerError::Unavailable(
+                "Redis did not answer a recent PUBLISH in time; reconnecting".into(),
+            )),
+            PubConn::Closed(why) => Err(BrokerError::Unavailable(why.to_string())),
+            PubConn::Connecting => Err(BrokerError::Unavailable("Redis connect pending".into())),
+        }
     }
 
-    async fn publish(&self, channel: String, payload: Vec<u8>) -> Result<(), BrokerError> {
+    /// Connects the publisher. In the background (after a connection was declared broken) it
+    /// keeps trying, with backoff, until it succeeds or the broker stops; otherwise one failed
+    /// attempt leaves the state `Closed` and the next publish tries again.
+    async fn connect_publisher(self: Arc<Self>, background: bool) {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let mut failures = 0;
+        loop {
+            if self.stopped.load(Ordering::Acquire) {
+                self.publisher
+                    .send_replace(PubConn::Closed("broker stopped".into()));
+                return;
+            }
+            let attempt = tokio::time::timeout(
+                self.timeout,
+                self.client
+                    .get_multiplexed_async_connection_with_config(&self.connection_config()),
+            )
+            .await;
+            let why = match attempt {
+                Ok(Ok(_)) if self.stopped.load(Ordering::Acquire) => {
+                    // Stopped while connecting: leave nothing open behind `stop`.
+                    self.publisher
+                        .send_replace(PubConn::Closed("broker stopped".into()));
+                    return;
+                }
+                Ok(Ok(conn)) => {
+                    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+                    self.publisher.send_replace(PubConn::Ready(conn, id));
+                    return;
+                }
+                Ok(Err(e)) => format!("Redis unreachable: {e}"),
+                Err(_) => "Redis connect timed out".to_owned(),
+            };
+            if !background {
+                self.publisher.send_replace(PubConn::Closed(why.into()));
+                return;
+            }
+            tracing::debug!(reason = %why, "Redis publisher reconnect failed");
+            failures += 1;
+            if self.pause(reconnect_delay(failures)).await {
+                self.publisher
+                    .send_replace(PubConn::Closed("broker stopped".into()));
+                return;
+            }
+        }
+    }
+
+    /// Records that connection `id` failed: broken (fail fast and reconnect in the background)
+    /// after a timeout, closed (reconnect on the next publish) after any other error.
+    fn publisher_failed(self: &Arc<Self>, id: u64, timed_out: bool, why: &str) {
+        let replaced = self.publisher.send_if_modified(|st| {
+            if !matches!(st, PubConn::Ready(_, current) if *current == id) {
+                return false; // already replaced or being replaced
+            }
+            *st = if timed_out {
+                PubConn::Broken
+            } else {
+                PubConn::Closed(why.into())
+            };
+            true
+        });
+        if replaced && timed_out {
+            tracing::warn!("Redis did not answer a PUBLISH in time; reconnecting the publisher");
+            tokio::spawn(self.clone().connect_publisher(true));
+        }
+    }
+
+    async fn publish(
+        self: Arc<Self>,
+        channel: String,
+        payload: Vec<u8>,
+    ) -> Result<(), BrokerError> {
+        // The publish's own deadline, counted from its arrival: it is answered by then.
+        let deadline = Deadline::now() + self.timeout;
         if self.stopped.load(Ordering::Acquire) {
             return Err(BrokerError::Stopped);
         }
@@ -625,14 +751,20 @@ impl Inner {
                 "back from a Redis outage; waiting for {n} other replica(s) to resubscribe"
             )));
         }
-        self.send(channel, payload).await
+        self.send(channel, payload, deadline).await
     }
 
-    /// PUBLISH without the readiness checks.
-    async fn send(&self, channel: String, payload: Vec<u8>) -> Result<(), BrokerError> {
-        let mut conn = self.publisher().await?;
-        let result: Result<i64, RedisError> = tokio::time::timeout(
-            self.timeout,
+    /// PUBLISH without the readiness checks, answered by `deadline`: `Unavailable` when
+    /// nothing was sent, `Timeout` when it was sent and not answered in time.
+    async fn send(
+        self: &Arc<Self>,
+        channel: String,
+        payload: Vec<u8>,
+        deadline: Deadline,
+    ) -> Result<(), BrokerError> {
+        let (mut conn, id) = self.publisher(deadline).await?;
+        let result: Result<i64, RedisError> = tokio::time::timeout_at(
+            deadline,
             redis::cmd("PUBLISH")
                 .arg(&channel)
                 .arg(payload)
@@ -645,16 +777,15 @@ impl Inner {
                 tracing::trace!(%channel, receivers, "published");
                 Ok(())
             }
+            Err(e) if e.is_timeout() => {
+                self.publisher_failed(id, true, "");
+                Err(BrokerError::Timeout)
+            }
             Err(e) => {
-                // Any failure may leave the connection unusable: start fresh next time.
-                self.publisher.lock().await.take();
-                if e.is_timeout() {
-                    Err(BrokerError::Timeout)
-                } else {
-                    Err(BrokerError::Unavailable(format!(
-                        "Redis PUBLISH failed: {e}"
-                    )))
-                }
+                // Any other failure may leave the connection unusable: start fresh next time.
+                let why = format!("Redis PUBLISH failed: {e}");
+                self.publisher_failed(id, false, &why);
+                Err(BrokerError::Unavailable(why))
             }
         }
     }
@@ -772,7 +903,7 @@ impl Broker for RedisBroker {
     ) -> BoxFuture<'_, Result<(), BrokerError>> {
         let name = self.inner.channel_name(channel);
         let payload = wire::encode(&channel.topic_name(), &message);
-        Box::pin(self.inner.publish(name, payload))
+        Box::pin(self.inner.clone().publish(name, payload))
     }
 
     fn is_up(&self) -> bool {
@@ -823,7 +954,9 @@ impl Broker for RedisBroker {
                     abort.abort();
                 }
             }
-            self.inner.publisher.lock().await.take();
+            self.inner
+                .publisher
+                .send_replace(PubConn::Closed("broker stopped".into()));
             lock(&self.inner.state).sink = None;
             self.inner.set_up(false);
         })
