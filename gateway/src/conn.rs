@@ -244,6 +244,7 @@ async fn run<R>(
         frames: FrameReader::new(settings.max_frame_bytes),
         rate: RateLimit::new(settings.max_inbound_rate),
         settings,
+        peer_closed: false,
     };
     // Copy what the HTTP layer read past the upgrade request, and let go of its buffer: the
     // `Bytes` may pin hyper's whole read buffer for the life of the connection.
@@ -292,23 +293,63 @@ async fn run<R>(
         }
     }
 
+    let mut writer_task = writer_task;
     if peer_gone {
         // A peer that sent FIN or a reset reads nothing more: stop the writer now (it may be
-        // waiting on a full socket buffer) and clean up at once. The close timeout is for
-        // peers still connected that do not finish the closing handshake.
+        // waiting on a full socket buffer). The close timeout is for peers still connected
+        // that do not finish the closing handshake.
         writer_task.abort();
     } else {
-        // Give the writer a bounded time to flush the close frame, then cut the socket.
-        let abort = writer_task.abort_handle();
-        if tokio::time::timeout(settings.close_timeout, writer_task)
-            .await
-            .is_err()
-        {
-            abort.abort();
+        // A lingering close, within the close timeout: the writer flushes the close frame and
+        // shuts down the sending side while the reader keeps taking what the peer still sends,
+        // until its close frame or end of stream. Closing a socket with unread input makes
+        // the kernel send a reset, and a reset makes the peer's kernel drop what it has not
+        // read yet — our close frame and the error envelopes before it.
+        let peer_closed = session.peer_closed;
+        let frames = &mut session.frames;
+        let flushed = async {
+            let _ = (&mut writer_task).await;
+        };
+        let drained = async {
+            if !peer_closed {
+                linger(&mut reader, frames, &mut buf).await;
+            }
+        };
+        let closed = tokio::time::timeout(settings.close_timeout, async {
+            tokio::join!(flushed, drained);
+        })
+        .await;
+        if closed.is_err() {
+            writer_task.abort();
         }
     }
+    // Counted until the closing handshake is over, so that a draining gateway does not exit
+    // while close frames are still on their way.
     hub.unregister(&conn);
     drop(slot);
+}
+
+/// Reads and discards what the peer sends until its close frame or the end of the stream.
+/// Bytes that do not parse are discarded unparsed.
+async fn linger<R: ReadSource>(reader: &mut R, frames: &mut FrameReader, buf: &mut BytesMut) {
+    let mut parsing = true;
+    loop {
+        while parsing {
+            match frames.next(buf) {
+                Ok(Some(Inbound::Close(_))) => return,
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => parsing = false,
+            }
+        }
+        if !parsing {
+            buf.clear();
+        }
+        match reader.read_into(buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }
 
 struct Session<'a> {
@@ -317,6 +358,8 @@ struct Session<'a> {
     frames: FrameReader,
     rate: Option<RateLimit>,
     settings: ConnSettings,
+    /// The peer sent its close frame: nothing more is expected from it.
+    peer_closed: bool,
 }
 
 impl Session<'_> {
@@ -371,6 +414,7 @@ impl Session<'_> {
                 // already queued.
                 let echo = code.unwrap_or(close_code::NORMAL);
                 self.conn.outbox.close(echo, "", CloseReason::Client, false);
+                self.peer_closed = true;
                 return Break(());
             }
         }

@@ -97,6 +97,8 @@ async fn a_client_that_stops_reading_is_disconnected_while_others_receive_everyt
         }
     }
     assert!(received < MESSAGES, "the slow client was never cut off");
+    // Reading on sends the client's answer to the close; the gateway then closes the stream.
+    assert_eq!(slow.next().await, Received::Ended);
     http.wait_stats("slow client gone", |s| s["connections"] == 1)
         .await;
     let scrape = http.metrics().await;

@@ -445,3 +445,82 @@ async fn a_close_frame_with_an_allowed_code_is_echoed() {
         Some(1000)
     );
 }
+
+#[tokio::test]
+async fn a_flooding_client_that_keeps_sending_still_receives_its_errors_and_the_1008_close() {
+    let gw = TestGateway::start(&["--max-inbound-rate", "5"]).await;
+    let mut c = RawClient::connect(gw.addr).await;
+    // Written in one go before reading anything: when the gateway decides to close, most of
+    // it is still unread on its side.
+    let flood: Vec<u8> = (0..20_000)
+        .flat_map(|_| RawClient::frame(1, br#"{"type":"heartbeat"}"#))
+        .collect();
+    assert!(
+        c.send_raw(&flood).await,
+        "the gateway reset the connection instead of reading to the end"
+    );
+    let (before, code) = c.until_close().await;
+    assert_eq!(code, Some(1008));
+    assert!(
+        before.iter().any(|(_, p)| {
+            serde_json::from_slice::<serde_json::Value>(p)
+                .is_ok_and(|v| v["data"]["code"] == "rate_limited")
+        }),
+        "no rate_limited error before the close"
+    );
+    // Answering the close handshake ends the stream.
+    assert!(c.send_raw(&RawClient::close_frame(1000, b"")).await);
+    c.wait_end().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_that_keeps_sending_still_receives_the_1008_close() {
+    let gw = TestGateway::start(&[
+        "--outbound-queue-messages",
+        "16",
+        "--idle-timeout-secs",
+        "0",
+    ])
+    .await;
+    let http = gw.http();
+    let mut c = RawClient::connect(gw.addr).await;
+    c.join("firehose").await;
+    // The client reads nothing while the topic fills its socket buffers and then its queue.
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    loop {
+        let r = http
+            .post("/api/publish?topic=firehose")
+            .header("content-type", "application/octet-stream")
+            .body(vec![7u8; 64 * 1024])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let scrape = http.metrics().await;
+        if metric(
+            &scrape,
+            "wsgate_messages_dropped_total{reason=\"slow_consumer\"}",
+        )
+        .is_some_and(|n| n > 0.0)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never cut off as a slow consumer"
+        );
+    }
+    // Cut off; it keeps sending (pings, as a client's keep-alive would), then reads.
+    let pings: Vec<u8> = (0..2000).flat_map(|_| RawClient::frame(1, b"2")).collect();
+    assert!(c.send_raw(&pings).await);
+    let (before, code) = c.until_close().await;
+    assert_eq!(code, Some(1008));
+    assert!(
+        before.iter().all(|(op, _)| *op == 2),
+        "only data before the close"
+    );
+    assert!(c.send_raw(&RawClient::close_frame(1000, b"")).await);
+    c.wait_end().await;
+    http.wait_stats("the slow consumer gone", |s| s["connections"] == 0)
+        .await;
+}
