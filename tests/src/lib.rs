@@ -3,7 +3,9 @@
 //! that can be killed, restarted and frozen. Everything spawned is killed on drop.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
+mod proxy;
 mod redis_server;
+pub use proxy::TcpProxy;
 pub use redis_server::RedisServer;
 
 use std::net::SocketAddr;

@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use wsgate_tests::{
-    Client, DEADLINE, Http, ProcessGateway, RawClient, Received, RedisServer, metric,
+    Client, DEADLINE, Http, ProcessGateway, RawClient, Received, RedisServer, TcpProxy, metric,
 };
 
 async fn fleet(redis: &RedisServer, n: usize, prefix: &str, extra: &[&str]) -> Vec<ProcessGateway> {
@@ -938,4 +938,116 @@ async fn every_publish_during_a_frozen_redis_is_answered_within_its_timeout() {
             _ => {}
         }
     }
+}
+
+/// Polls until Redis and the gateways agree on the channels each gateway is subscribed to:
+/// `PUBSUB NUMSUB` of every channel as `want` says, and the `sub=` counts of the subscriber
+/// connections in `CLIENT LIST` equal to what each gateway reports it holds.
+async fn wait_records_match_redis(
+    redis: &RedisServer,
+    prefix: &str,
+    want: &HashMap<String, i64>,
+    gws: &[&Http],
+) {
+    wait_bookkeeping(redis, prefix, want).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut reported = Vec::new();
+        for http in gws {
+            reported.push(http.stats().await["broker"]["channels"].as_i64().unwrap());
+        }
+        reported.sort_unstable();
+        let in_redis = redis.subscriber_connections();
+        if reported == in_redis {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateways report {reported:?} channels, Redis holds {in_redis:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_that_redis_confirms_after_its_topic_was_left_is_undone() {
+    let redis = RedisServer::start();
+    let proxy = TcpProxy::start(redis.port()).await;
+    let url = format!("redis://127.0.0.1:{}", proxy.port());
+    // A timeout longer than the freeze: the SUBSCRIBE in flight is answered, not abandoned.
+    let gw = ProcessGateway::spawn(&[
+        "--redis-url",
+        &url,
+        "--key-prefix",
+        "late",
+        "--connect-timeout-ms",
+        "20000",
+    ])
+    .await;
+    wait_ready(&gw.http(), 200).await;
+    let mut c = gw.client().await;
+    c.join("warm").await;
+
+    redis.signal("-STOP");
+    c.send_text(r#"{"type":"room.join","room":"brief"}"#).await;
+    // The SUBSCRIBE is on its way to the frozen server...
+    proxy.wait_sent(b"late:brief").await;
+    // ... when the only subscriber leaves (handled before the ping: frames are in order).
+    c.send_text(r#"{"type":"room.leave","room":"brief"}"#).await;
+    c.assert_alive().await;
+    redis.signal("-CONT");
+
+    // Redis confirms a SUBSCRIBE nobody wants any more: the gateway must record it, and undo it.
+    let mut want = HashMap::new();
+    want.insert("late:warm".to_owned(), 1);
+    want.insert(format!("late:__socket__:{}", c.socket_id), 1);
+    want.insert("late:__broadcast__".to_owned(), 1);
+    want.insert("late:__replicas__".to_owned(), 1);
+    wait_records_match_redis(&redis, "late", &want, &[&gw.http()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_churn_across_random_freezes_leaves_the_records_equal_to_redis() {
+    const TIMEOUT_MS: u64 = 800;
+    let seed: u64 = std::env::var("WSGATE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    println!("seed {seed} (replay with WSGATE_TEST_SEED)");
+    let redis = RedisServer::start();
+    let timeout = TIMEOUT_MS.to_string();
+    let gws = fleet(&redis, 2, "storm", &["--connect-timeout-ms", &timeout]).await;
+    let (mut sims, mut churn) = simulation(12, 2, 20, seed);
+    let mut freezes = StdRng::seed_from_u64(seed ^ 0x5eed);
+    for _ in 0..60 {
+        churn.step(&mut sims, &gws, false).await;
+    }
+    for _ in 0..6 {
+        // Freezes around the command timeout: shorter ones leave commands in flight that Redis
+        // answers late; longer ones make the gateways replace their connections.
+        let freeze = Duration::from_millis(freezes.random_range(TIMEOUT_MS / 4..TIMEOUT_MS * 2));
+        redis.signal("-STOP");
+        let frozen = Instant::now();
+        while frozen.elapsed() < freeze {
+            churn.step(&mut sims, &gws, false).await;
+        }
+        redis.signal("-CONT");
+        // Keep churning through the resubscribe burst that follows.
+        for _ in 0..freezes.random_range(20..120) {
+            churn.step(&mut sims, &gws, false).await;
+        }
+    }
+    let per = expected_state(&sims, gws.len());
+    wait_local_counts(&gws, &per).await;
+    let https: Vec<Http> = gws.iter().map(ProcessGateway::http).collect();
+    let refs: Vec<&Http> = https.iter().collect();
+    wait_records_match_redis(&redis, "storm", &expected_numsub("storm", &per), &refs).await;
+    // Everyone leaves: nothing may be left behind, in Redis or in the records.
+    for s in &mut sims {
+        s.client = None;
+        s.joined.clear();
+    }
+    let per = expected_state(&sims, gws.len());
+    wait_local_counts(&gws, &per).await;
+    wait_records_match_redis(&redis, "storm", &expected_numsub("storm", &per), &refs).await;
 }

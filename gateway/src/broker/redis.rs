@@ -478,19 +478,22 @@ impl Inner {
                     let mut st = lock(&self.state);
                     let mut activated = 0;
                     for name in batch {
-                        if let Some(c) = st.channels.get_mut(name) {
-                            if !c.active {
-                                c.active = true;
-                                activated += 1;
-                            }
-                            c.failed = false;
-                            for w in c.waiters.drain(..) {
-                                let _ = w.send(Ok(()));
-                            }
-                            // Left while we subscribed: the next pass unsubscribes it.
-                            if !c.wanted {
-                                st.dirty.insert(name.clone());
-                            }
+                        // Recorded from Redis's confirmation even when the channel's record
+                        // is gone — its last subscriber left while the SUBSCRIBE was in
+                        // flight (for seconds, under a frozen Redis): otherwise nothing would
+                        // ever unsubscribe it.
+                        let c = st.channels.entry(name.clone()).or_default();
+                        if !c.active {
+                            c.active = true;
+                            activated += 1;
+                        }
+                        c.failed = false;
+                        for w in c.waiters.drain(..) {
+                            let _ = w.send(Ok(()));
+                        }
+                        // Left while we subscribed: the next pass unsubscribes it.
+                        if !c.wanted {
+                            st.dirty.insert(name.clone());
                         }
                     }
                     st.active += activated;
