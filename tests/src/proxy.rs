@@ -15,6 +15,8 @@ use crate::DEADLINE;
 pub struct TcpProxy {
     addr: SocketAddr,
     sent: Arc<Mutex<Vec<u8>>>,
+    /// While true, nothing from the server reaches the clients (it waits in the proxy).
+    hold: tokio::sync::watch::Sender<bool>,
     accept: JoinHandle<()>,
     links: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
@@ -26,9 +28,11 @@ impl TcpProxy {
         let addr = listener.local_addr().unwrap();
         let sent = Arc::new(Mutex::new(Vec::new()));
         let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let hold = tokio::sync::watch::Sender::new(false);
         let accept = tokio::spawn({
             let sent = sent.clone();
             let links = links.clone();
+            let hold = hold.clone();
             async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else {
@@ -51,8 +55,20 @@ impl TcpProxy {
                         }
                         let _ = sw.shutdown().await;
                     });
+                    let mut held = hold.subscribe();
                     let down = tokio::spawn(async move {
-                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match sr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if held.wait_for(|h| !*h).await.is_err()
+                                || cw.write_all(&buf[..n]).await.is_err()
+                            {
+                                break;
+                            }
+                        }
                         let _ = cw.shutdown().await;
                     });
                     links.lock().unwrap().extend([up, down]);
@@ -62,9 +78,21 @@ impl TcpProxy {
         Self {
             addr,
             sent,
+            hold,
             accept,
             links,
         }
+    }
+
+    /// Holds back everything the server sends (on every connection, new ones too) until
+    /// [`release`](Self::release): to the clients the server looks slow.
+    pub fn hold(&self) {
+        self.hold.send_replace(true);
+    }
+
+    /// Lets the server's replies through again.
+    pub fn release(&self) {
+        self.hold.send_replace(false);
     }
 
     /// The proxy's port.

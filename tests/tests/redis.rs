@@ -1051,3 +1051,90 @@ async fn random_churn_across_random_freezes_leaves_the_records_equal_to_redis() 
     wait_local_counts(&gws, &per).await;
     wait_records_match_redis(&redis, "storm", &expected_numsub("storm", &per), &refs).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_2xx_after_a_freeze_until_a_replica_that_lost_its_subscriber_has_resubscribed() {
+    let redis = RedisServer::start();
+    // B reaches Redis through a proxy that can hold Redis's replies back.
+    let proxy = TcpProxy::start(redis.port()).await;
+    let via_proxy = format!("redis://127.0.0.1:{}", proxy.port());
+    let args = ["--key-prefix", "gap", "--connect-timeout-ms", "1000"];
+    let a = ProcessGateway::spawn(&[&["--redis-url", &redis.url()][..], &args].concat()).await;
+    let b = ProcessGateway::spawn(&[&["--redis-url", &via_proxy][..], &args].concat()).await;
+    for gw in [&a, &b] {
+        wait_ready(&gw.http(), 200).await;
+        gw.http()
+            .wait_stats("the other replica heard", |s| {
+                s["broker"]["replicasSeen"] == 1
+            })
+            .await;
+    }
+    let mut ca = a.client().await;
+    let mut cb = b.client().await;
+    ca.join("t").await;
+    cb.join("t").await;
+
+    redis.signal("-STOP");
+    // B's subscriber has a command go unanswered, so B replaces its connection...
+    cb.send_text(r#"{"type":"room.join","room":"other"}"#).await;
+    wait_ready(&b.http(), 503).await;
+    // ... while A only sees a PUBLISH go unanswered.
+    assert_eq!(publish_status(&a.http(), "t", "frozen").await, 504);
+    // B cannot resubscribe after the freeze until its replies are let through.
+    proxy.hold();
+    redis.signal("-CONT");
+    let resumed = Instant::now();
+    let mut answered = Vec::new();
+    let mut n = 0;
+    // Well inside the 3 s after which a replica that does not answer is presumed gone.
+    while resumed.elapsed() < Duration::from_millis(1500) {
+        let msg = format!("held-{n}");
+        n += 1;
+        let status = publish_status(&a.http(), "t", &msg).await;
+        answered.push((msg, status));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.release();
+    wait_ready(&b.http(), 200).await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let msg = format!("after-{n}");
+        n += 1;
+        let status = publish_status(&a.http(), "t", &msg).await;
+        answered.push((msg.clone(), status));
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A never published again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let last = answered.last().unwrap().0.clone();
+    let accepted: Vec<&String> = answered
+        .iter()
+        .filter(|(_, s)| *s == 200)
+        .map(|(m, _)| m)
+        .collect();
+    println!(
+        "{} publishes while B was resubscribing: {:?}",
+        answered.len(),
+        answered.iter().map(|(_, s)| *s).collect::<Vec<_>>()
+    );
+    // Every 2xx reached the subscribers on both replicas.
+    for (name, c) in [("A", &mut ca), ("B", &mut cb)] {
+        let mut got = Vec::new();
+        loop {
+            let m = c.next_text().await;
+            let done = m == last;
+            got.push(m);
+            if done {
+                break;
+            }
+        }
+        for m in &accepted {
+            assert!(
+                got.contains(m),
+                "{m} was answered 200 but never reached the subscriber on {name}: {got:?}"
+            );
+        }
+    }
+}

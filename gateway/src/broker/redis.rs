@@ -123,9 +123,18 @@ struct Peers {
     last_seen: HashMap<uuid::Uuid, Instant>,
     /// Replicas alive when our subscriber went down, not heard from since it came back.
     waiting_for: HashSet<uuid::Uuid>,
-    /// Until when publishing waits for them.
+    /// Until when publishing waits for them (`None`: until this replica is back in touch
+    /// with Redis, when the wait starts).
     deadline: Option<Instant>,
+    /// The question of the current wait: only an answer carrying it clears a replica, so an
+    /// announcement sent before the outage and delivered after it cannot.
+    nonce: Option<u64>,
+    /// Questions other replicas asked us, answered in our next announcement.
+    acks_owed: Vec<u64>,
 }
+
+/// Most unanswered questions kept (one per replica that came back recently).
+const MAX_ACKS_OWED: usize = 64;
 
 struct Inner {
     client: redis::Client,
@@ -133,6 +142,8 @@ struct Inner {
     replica: uuid::Uuid,
     peers: std::sync::Mutex<Peers>,
     announce: Notify,
+    /// The next announcement asks the others to answer (a wait for them just started).
+    ask_back: AtomicBool,
     prefix: String,
     timeout: Duration,
     max_payload: usize,
@@ -199,6 +210,7 @@ impl RedisBroker {
                 replica: uuid::Uuid::new_v4(),
                 peers: std::sync::Mutex::default(),
                 announce: Notify::new(),
+                ask_back: AtomicBool::new(false),
                 prefix: format!("{}:", settings.key_prefix),
                 timeout: settings.timeout,
                 max_payload: settings.max_payload,
@@ -241,18 +253,47 @@ impl Inner {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         if was && !up {
             // Remember who was alive when we lost Redis: they must be back before we publish.
-            let alive: Vec<uuid::Uuid> = peers
-                .last_seen
-                .iter()
-                .filter(|(_, seen)| now.duration_since(**seen) < PEER_TTL)
-                .map(|(id, _)| *id)
-                .collect();
-            peers.waiting_for.extend(alive);
+            Self::wait_for_alive(&mut peers, now, PEER_TTL);
         } else if !was && up {
-            peers.deadline = Some(now + BARRIER_MAX);
             drop(peers);
-            self.announce.notify_one();
+            self.start_waiting();
         }
+    }
+
+    /// Adds the replicas heard from within `within` to those publishing must wait for; the
+    /// wait itself starts with [`Inner::start_waiting`].
+    fn wait_for_alive(peers: &mut Peers, now: Instant, within: Duration) {
+        let alive: Vec<uuid::Uuid> = peers
+            .last_seen
+            .iter()
+            .filter(|(_, seen)| now.duration_since(**seen) < within)
+            .map(|(id, _)| *id)
+            .collect();
+        peers.waiting_for.extend(alive);
+        peers.deadline = None;
+        // A question nobody has been asked yet: nothing clears them before we ask.
+        peers.nonce = Some(rand::rng().random());
+    }
+
+    /// Back in touch with Redis: ask the replicas we wait for to answer (each does once its
+    /// own subscriber is up and resubscribed), for at most [`BARRIER_MAX`].
+    fn start_waiting(&self) {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        peers.deadline = Some(Instant::now() + BARRIER_MAX);
+        peers.nonce = Some(rand::rng().random());
+        drop(peers);
+        self.ask_back.store(true, Ordering::Release);
+        self.announce.notify_one();
+    }
+
+    /// A PUBLISH went unanswered: Redis may be frozen, and another replica's subscriber may be
+    /// dropping its connection meanwhile, to resubscribe on a new one once Redis is back. A
+    /// message published before it has resubscribed would miss its clients, so once our
+    /// publisher is back, publishing waits for the replicas alive lately to answer, as after
+    /// an outage of our own.
+    fn suspect_outage(&self) {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        Self::wait_for_alive(&mut peers, Instant::now(), PEER_TTL + self.timeout);
     }
 
     fn replicas_channel(&self) -> String {
@@ -268,8 +309,14 @@ impl Inner {
             /// Sent by a replica whose subscriber just came back: others answer at once.
             #[serde(default)]
             back: bool,
+            /// With `back`: the question the answers must carry.
+            #[serde(default)]
+            nonce: Option<u64>,
+            /// Answers to questions of replicas that came back.
+            #[serde(default)]
+            acks: Vec<u64>,
         }
-        if payload.len() > 256 {
+        if payload.len() > 2048 {
             return Err(wire::Rejection::TooLarge(payload.len()));
         }
         let a: Announce = serde_json::from_slice(payload)
@@ -280,7 +327,19 @@ impl Inner {
             let now = Instant::now();
             let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
             let known = peers.last_seen.insert(id, now).is_some();
-            peers.waiting_for.remove(&id);
+            // While we wait with a question, only its answer counts: an announcement
+            // queued in a frozen Redis says nothing of the replica's state now.
+            let answered = peers.nonce.is_none_or(|n| a.acks.contains(&n));
+            if answered {
+                peers.waiting_for.remove(&id);
+            }
+            if a.back
+                && let Some(n) = a.nonce
+                && !peers.acks_owed.contains(&n)
+                && peers.acks_owed.len() < MAX_ACKS_OWED
+            {
+                peers.acks_owed.push(n);
+            }
             peers
                 .last_seen
                 .retain(|_, seen| now.duration_since(*seen) < PEER_TTL * 10);
@@ -291,6 +350,17 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Other replicas heard from lately.
+    fn replicas_seen(&self) -> usize {
+        let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        peers
+            .last_seen
+            .values()
+            .filter(|seen| now.duration_since(**seen) < PEER_TTL)
+            .count()
     }
 
     /// Why publishing must wait, if it must.
@@ -322,21 +392,50 @@ impl Inner {
             }
             let up = self.up.load(Ordering::Acquire);
             if up {
-                // The first announcement after coming up asks the others to answer at once.
-                let back = !announced_up;
-                let payload = format!("{{\"replica\":\"{}\",\"back\":{back}}}", self.replica);
+                // The first announcement after coming up, or after a wait for the others
+                // started, asks them to answer at once.
+                let asked = self.ask_back.swap(false, Ordering::AcqRel);
+                let (back, nonce, acks) = {
+                    let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+                    // While we wait, every announcement repeats the question: a replica
+                    // whose subscriber was down when we first asked never heard it.
+                    let waiting = peers.deadline.is_some() && !peers.waiting_for.is_empty();
+                    let back = !announced_up || asked || waiting;
+                    let nonce = if back { peers.nonce } else { None };
+                    (back, nonce, std::mem::take(&mut peers.acks_owed))
+                };
+                // Sent only while our subscriber is up: an answer means "I receive again".
+                let mut announcement = json!({"replica": self.replica.to_string(), "back": back});
+                if let Some(n) = nonce {
+                    announcement["nonce"] = json!(n);
+                }
+                if !acks.is_empty() {
+                    announcement["acks"] = json!(acks);
+                }
+                let payload = announcement.to_string().into_bytes();
                 // After an outage the publisher connection is usually stale: the first
                 // attempt drops it, the second reconnects.
+                let mut sent = false;
                 for _ in 0..2 {
                     let deadline = Deadline::now() + self.timeout;
-                    let sent = self.send(
-                        self.replicas_channel(),
-                        payload.clone().into_bytes(),
-                        deadline,
-                    );
-                    if sent.await.is_ok() {
-                        announced_up = true;
+                    let attempt = self.send(self.replicas_channel(), payload.clone(), deadline);
+                    if attempt.await.is_ok() {
+                        sent = true;
                         break;
+                    }
+                }
+                if sent {
+                    announced_up = true;
+                } else {
+                    // Ask and answer again next time.
+                    if asked {
+                        self.ask_back.store(true, Ordering::Release);
+                    }
+                    let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+                    for n in acks {
+                        if !peers.acks_owed.contains(&n) && peers.acks_owed.len() < MAX_ACKS_OWED {
+                            peers.acks_owed.push(n);
+                        }
                     }
                 }
             } else {
@@ -693,6 +792,10 @@ impl Inner {
                 Ok(Ok(conn)) => {
                     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
                     self.publisher.send_replace(PubConn::Ready(conn, id));
+                    if background {
+                        // Back after an unanswered PUBLISH: see `suspect_outage`.
+                        self.start_waiting();
+                    }
                     return;
                 }
                 Ok(Err(e)) => format!("Redis unreachable: {e}"),
@@ -728,6 +831,7 @@ impl Inner {
         });
         if replaced && timed_out {
             tracing::warn!("Redis did not answer a PUBLISH in time; reconnecting the publisher");
+            self.suspect_outage();
             tokio::spawn(self.clone().connect_publisher(true));
         }
     }
@@ -928,6 +1032,7 @@ impl Broker for RedisBroker {
             "reconnects": self.inner.metrics.reconnects.get(),
             "replica": self.inner.replica.to_string(),
             "waitingForReplicas": self.inner.barrier().unwrap_or(0),
+            "replicasSeen": self.inner.replicas_seen(),
         })
     }
 
@@ -982,6 +1087,76 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn broker() -> RedisBroker {
+        let settings = RedisSettings {
+            url: "redis://127.0.0.1:1".into(),
+            key_prefix: KeyPrefix::new("unit").unwrap(),
+            timeout: Duration::from_millis(500),
+            max_payload: 1024,
+            ca_pem: None,
+        };
+        RedisBroker::new(settings, Metrics::new().broker, None).unwrap()
+    }
+
+    fn announce(inner: &Inner, body: serde_json::Value) {
+        inner.on_announce(body.to_string().as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn only_an_answer_to_the_current_question_ends_the_wait_after_an_outage() {
+        let b = broker();
+        let inner = &b.inner;
+        let peer = uuid::Uuid::new_v4().to_string();
+        announce(inner, json!({"replica": peer}));
+        inner.set_up(true);
+        inner.set_up(false);
+        assert_eq!(inner.barrier(), Some(1));
+        // An announcement delivered while we are still down (it may have waited in a frozen
+        // Redis) says nothing of the peer's state now.
+        announce(inner, json!({"replica": peer}));
+        assert_eq!(inner.barrier(), Some(1));
+        inner.set_up(true);
+        let nonce = inner.peers.lock().unwrap().nonce.unwrap();
+        announce(
+            inner,
+            json!({"replica": peer, "acks": [nonce.wrapping_add(1)]}),
+        );
+        assert_eq!(inner.barrier(), Some(1));
+        announce(inner, json!({"replica": peer, "acks": [nonce]}));
+        assert_eq!(inner.barrier(), None);
+    }
+
+    #[test]
+    fn an_unanswered_publish_makes_publishing_wait_for_the_replicas_heard_lately() {
+        let b = broker();
+        let inner = &b.inner;
+        let peer = uuid::Uuid::new_v4().to_string();
+        announce(inner, json!({"replica": peer}));
+        inner.suspect_outage();
+        // Until the publisher is back, the wait has not started: it does not time out.
+        assert_eq!(inner.barrier(), Some(1));
+        inner.start_waiting();
+        assert!(inner.ask_back.load(Ordering::Acquire));
+        let nonce = inner.peers.lock().unwrap().nonce.unwrap();
+        announce(inner, json!({"replica": peer, "acks": [nonce]}));
+        assert_eq!(inner.barrier(), None);
+    }
+
+    #[test]
+    fn questions_from_replicas_that_came_back_are_kept_to_be_answered() {
+        let b = broker();
+        let inner = &b.inner;
+        let peer = uuid::Uuid::new_v4().to_string();
+        announce(inner, json!({"replica": peer, "back": true, "nonce": 42}));
+        announce(inner, json!({"replica": peer, "back": true, "nonce": 42}));
+        assert_eq!(inner.peers.lock().unwrap().acks_owed, vec![42]);
+        assert!(
+            inner
+                .on_announce(br#"{"replica":"x","nonce":"not a number"}"#)
+                .is_err()
+        );
     }
 
     #[test]
