@@ -244,11 +244,14 @@ async fn run<R>(
         frames: FrameReader::new(settings.max_frame_bytes),
         rate: RateLimit::new(settings.max_inbound_rate),
         settings,
+        peer_closed: false,
     };
     // Copy what the HTTP layer read past the upgrade request, and let go of its buffer: the
     // `Bytes` may pin hyper's whole read buffer for the life of the connection.
     let mut buf = BytesMut::from(&leftover[..]);
     drop(leftover);
+    // Whether the peer's side of the socket is gone (end of stream or an error).
+    let mut peer_gone = false;
     'outer: loop {
         // Handle everything already buffered before waiting for more.
         loop {
@@ -277,27 +280,76 @@ async fn run<R>(
                 Ok(0) => {
                     // End of stream without a close frame: nothing left to send to.
                     conn.outbox.abort(CloseReason::Client);
+                    peer_gone = true;
                     break;
                 }
                 Ok(_) => hub.touch(&conn),
                 Err(_) => {
                     conn.outbox.abort(CloseReason::IoError);
+                    peer_gone = true;
                     break;
                 }
             },
         }
     }
 
-    // Give the writer a bounded time to flush the close frame, then cut the socket.
-    let abort = writer_task.abort_handle();
-    if tokio::time::timeout(settings.close_timeout, writer_task)
-        .await
-        .is_err()
-    {
-        abort.abort();
+    let mut writer_task = writer_task;
+    if peer_gone {
+        // A peer that sent FIN or a reset reads nothing more: stop the writer now (it may be
+        // waiting on a full socket buffer). The close timeout is for peers still connected
+        // that do not finish the closing handshake.
+        writer_task.abort();
+    } else {
+        // A lingering close, within the close timeout: the writer flushes the close frame and
+        // shuts down the sending side while the reader keeps taking what the peer still sends,
+        // until its close frame or end of stream. Closing a socket with unread input makes
+        // the kernel send a reset, and a reset makes the peer's kernel drop what it has not
+        // read yet — our close frame and the error envelopes before it.
+        let peer_closed = session.peer_closed;
+        let frames = &mut session.frames;
+        let flushed = async {
+            let _ = (&mut writer_task).await;
+        };
+        let drained = async {
+            if !peer_closed {
+                linger(&mut reader, frames, &mut buf).await;
+            }
+        };
+        let closed = tokio::time::timeout(settings.close_timeout, async {
+            tokio::join!(flushed, drained);
+        })
+        .await;
+        if closed.is_err() {
+            writer_task.abort();
+        }
     }
+    // Counted until the closing handshake is over, so that a draining gateway does not exit
+    // while close frames are still on their way.
     hub.unregister(&conn);
     drop(slot);
+}
+
+/// Reads and discards what the peer sends until its close frame or the end of the stream.
+/// Bytes that do not parse are discarded unparsed.
+async fn linger<R: ReadSource>(reader: &mut R, frames: &mut FrameReader, buf: &mut BytesMut) {
+    let mut parsing = true;
+    loop {
+        while parsing {
+            match frames.next(buf) {
+                Ok(Some(Inbound::Close(_))) => return,
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => parsing = false,
+            }
+        }
+        if !parsing {
+            buf.clear();
+        }
+        match reader.read_into(buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }
 
 struct Session<'a> {
@@ -306,6 +358,8 @@ struct Session<'a> {
     frames: FrameReader,
     rate: Option<RateLimit>,
     settings: ConnSettings,
+    /// The peer sent its close frame: nothing more is expected from it.
+    peer_closed: bool,
 }
 
 impl Session<'_> {
@@ -355,12 +409,12 @@ impl Session<'_> {
             }
             Inbound::Pong => {}
             Inbound::Close(code) => {
-                // Echo the close handshake, after anything already queued.
-                let echo = match code {
-                    Some(c) if (1000..=1003).contains(&c) || (3000..=4999).contains(&c) => c,
-                    _ => close_code::NORMAL,
-                };
+                // Echo the close handshake with the client's code (the frame reader already
+                // failed the connection for a code that may not be sent), after anything
+                // already queued.
+                let echo = code.unwrap_or(close_code::NORMAL);
                 self.conn.outbox.close(echo, "", CloseReason::Client, false);
+                self.peer_closed = true;
                 return Break(());
             }
         }

@@ -387,12 +387,26 @@ fn unmask(data: &mut [u8], mask: [u8; 4]) {
     }
 }
 
+/// Whether a peer may send `code` in a close frame (RFC 6455 §7.4).
+///
+/// Allowed: the codes RFC 6455 defines for use on the wire (1000–1003, 1007–1011), those IANA
+/// registered since (1012 service restart, 1013 try again later — which the gateway sends
+/// itself — and 1014 bad gateway), and the ranges for libraries and applications (3000–4999).
+/// Everything else is a protocol error: 1004 and 1016–2999 are reserved, 1005, 1006 and 1015
+/// only describe a closure locally and must never be sent, and 0–999 and 5000+ are undefined.
+pub fn is_valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
 fn parse_close(payload: &[u8]) -> Result<Option<u16>, ProtocolViolation> {
     match payload.len() {
         0 => Ok(None),
         1 => Err(violation("close frame payload of one byte")),
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !is_valid_close_code(code) {
+                return Err(violation("invalid close code"));
+            }
             if std::str::from_utf8(&payload[2..]).is_err() {
                 return Err(ProtocolViolation {
                     code: close_code::INVALID_PAYLOAD,
@@ -592,6 +606,61 @@ mod tests {
             read_all(&mut r, &bytes),
             vec![Inbound::Close(Some(1000)), Inbound::Close(None)]
         );
+    }
+
+    /// Parses one close frame carrying `code` and `reason`.
+    fn close_with(code: u16, reason: &[u8]) -> Result<Option<Inbound>, ProtocolViolation> {
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend_from_slice(reason);
+        let mut buf = BytesMut::from(&client_frame(true, 8, &payload)[..]);
+        FrameReader::new(1024).next(&mut buf)
+    }
+
+    /// The codes RFC 6455 §7.4 forbids on the wire, one from each forbidden range and every
+    /// boundary.
+    const INVALID_CLOSE_CODES: [u16; 12] = [
+        0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+    ];
+
+    #[test]
+    fn close_frames_with_an_invalid_code_are_a_protocol_error() {
+        for code in INVALID_CLOSE_CODES {
+            let err = close_with(code, b"").unwrap_err();
+            assert_eq!(err.code, close_code::PROTOCOL_ERROR, "close code {code}");
+            assert!(!is_valid_close_code(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn close_frames_with_a_valid_code_report_it() {
+        let valid = (1000..=1003).chain(1007..=1014).chain(3000..=4999);
+        for code in valid {
+            assert_eq!(
+                close_with(code, b"bye").unwrap(),
+                Some(Inbound::Close(Some(code))),
+                "close code {code}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_close_code_outside_the_allowed_ranges_is_refused() {
+        for code in 0..=u16::MAX {
+            let allowed = (1000..=1003).contains(&code)
+                || (1007..=1014).contains(&code)
+                || (3000..=4999).contains(&code);
+            assert_eq!(close_with(code, b"").is_ok(), allowed, "close code {code}");
+        }
+    }
+
+    #[test]
+    fn close_frames_with_a_one_byte_payload_or_a_bad_reason_fail_the_connection() {
+        let mut buf = BytesMut::from(&client_frame(true, 8, &[0x03])[..]);
+        let err = FrameReader::new(1024).next(&mut buf).unwrap_err();
+        assert_eq!(err.code, close_code::PROTOCOL_ERROR);
+        // A reason that is not UTF-8 is invalid payload data, as for a text message.
+        let err = close_with(1000, &[0xCE, 0xBA, 0xE1, 0xBD]).unwrap_err();
+        assert_eq!(err.code, close_code::INVALID_PAYLOAD);
     }
 
     #[test]

@@ -262,6 +262,8 @@ impl Outbox {
             st.direct = None;
             drop(st);
             self.signal_closing();
+            // An idle writer would otherwise sleep until the connection's close timeout.
+            self.wake_writer.notify_one();
         }
     }
 
@@ -322,19 +324,24 @@ impl Outbox {
 
 impl Outbox {
     /// Takes everything queued into `batch` (marking the writer busy), or marks it idle.
-    fn take(&self, batch: &mut VecDeque<Item>) -> bool {
+    fn take(&self, batch: &mut VecDeque<Item>) -> Take {
         let mut st = self.lock();
+        if st.closing.is_some() && st.queue.is_empty() {
+            // Closing leaves the close frame queued until the writer takes it, so an empty
+            // queue here means the connection was aborted: there is nothing left to write.
+            return Take::Done;
+        }
         if st.held {
-            return false;
+            return Take::Idle;
         }
         if st.queue.is_empty() {
             st.busy = false;
-            false
+            Take::Idle
         } else {
             std::mem::swap(&mut st.queue, batch);
             st.bytes = 0;
             st.busy = true;
-            true
+            Take::Batch
         }
     }
 
@@ -349,9 +356,13 @@ impl Outbox {
     async fn drive<S: BatchSink>(&self, mut sink: S, metrics: &Metrics) {
         let mut batch: VecDeque<Item> = VecDeque::new();
         loop {
-            if !self.take(&mut batch) {
-                self.wake_writer.notified().await;
-                continue;
+            match self.take(&mut batch) {
+                Take::Batch => {}
+                Take::Idle => {
+                    self.wake_writer.notified().await;
+                    continue;
+                }
+                Take::Done => return,
             }
             match sink.write(&mut batch).await {
                 Ok((delivered, closed)) => {
@@ -371,6 +382,16 @@ impl Outbox {
             batch = VecDeque::new();
         }
     }
+}
+
+/// What the writer found in the queue.
+enum Take {
+    /// Frames to write, now in the writer's batch.
+    Batch,
+    /// Nothing to write yet.
+    Idle,
+    /// The connection was aborted: the writer is done.
+    Done,
 }
 
 /// Where a writer sends its batches.
@@ -623,6 +644,26 @@ mod tests {
         waiter.await.unwrap();
         outbox.closing().await;
         assert_eq!(outbox.close_reason(), Some(CloseReason::IoError));
+    }
+
+    #[tokio::test]
+    async fn an_idle_writer_stops_at_once_when_the_connection_is_aborted() {
+        let metrics = Metrics::new();
+        let outbox = std::sync::Arc::new(Outbox::new());
+        let (_client, server) = tokio::io::duplex(64);
+        let writer = tokio::spawn({
+            let outbox = outbox.clone();
+            let metrics = metrics.clone();
+            async move { outbox.run_writer(server, &metrics).await }
+        });
+        tokio::task::yield_now().await;
+        outbox.abort(CloseReason::Client);
+        // Without a wake-up the writer would sleep forever here (the connection's close
+        // timeout used to be what ended it).
+        tokio::time::timeout(std::time::Duration::from_secs(10), writer)
+            .await
+            .expect("the writer did not stop")
+            .unwrap();
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 
 use wsgate_tests as common;
 
-use common::{Received, TestGateway, metric};
+use common::{RawClient, Received, TestGateway, metric};
 use futures_util::SinkExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -387,4 +387,140 @@ async fn embedded_handle_offers_the_seed_provider_operations() {
             .is_err()
     );
     assert!(h.subscribe(wsgate::SocketId::generate(), "a").is_err());
+}
+
+/// Sends `frame` on a fresh raw connection and returns the code of the server's close frame,
+/// after checking that the server then ends the stream.
+async fn close_answer(gw: &TestGateway, frame: &[u8]) -> Option<u16> {
+    let mut c = RawClient::connect(gw.addr).await;
+    assert!(c.send_raw(frame).await);
+    let (_, code) = c.until_close().await;
+    c.wait_end().await;
+    code
+}
+
+#[tokio::test]
+async fn a_close_frame_with_a_forbidden_code_fails_the_connection_with_1002() {
+    let gw = TestGateway::start(&[]).await;
+    let invalid = [
+        0u16, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+    ];
+    for code in invalid {
+        let got = close_answer(&gw, &RawClient::close_frame(code, b"")).await;
+        assert_eq!(got, Some(1002), "client close code {code}");
+    }
+    // A payload of one byte cannot hold a code; a reason that is not UTF-8 is invalid data.
+    assert_eq!(
+        close_answer(&gw, &RawClient::frame(8, &[3])).await,
+        Some(1002)
+    );
+    let bad_reason = RawClient::close_frame(1000, &[0xCE, 0xBA, 0xE1, 0xBD]);
+    assert_eq!(close_answer(&gw, &bad_reason).await, Some(1007));
+    gw.http()
+        .wait_stats("every connection closed", |s| s["connections"] == 0)
+        .await;
+    let scrape = gw.http().metrics().await;
+    assert_eq!(
+        metric(
+            &scrape,
+            "wsgate_connections_closed_total{reason=\"protocol_error\"}"
+        ),
+        Some((invalid.len() + 2) as f64)
+    );
+}
+
+#[tokio::test]
+async fn a_close_frame_with_an_allowed_code_is_echoed() {
+    let gw = TestGateway::start(&[]).await;
+    let valid = (1000u16..=1003)
+        .chain(1007..=1014)
+        .chain([3000, 3999, 4000, 4999]);
+    for code in valid {
+        let got = close_answer(&gw, &RawClient::close_frame(code, b"bye")).await;
+        assert_eq!(got, Some(code), "client close code {code}");
+    }
+    // No code at all is a normal closure.
+    assert_eq!(
+        close_answer(&gw, &RawClient::frame(8, &[])).await,
+        Some(1000)
+    );
+}
+
+#[tokio::test]
+async fn a_flooding_client_that_keeps_sending_still_receives_its_errors_and_the_1008_close() {
+    let gw = TestGateway::start(&["--max-inbound-rate", "5"]).await;
+    let mut c = RawClient::connect(gw.addr).await;
+    // Written in one go before reading anything: when the gateway decides to close, most of
+    // it is still unread on its side.
+    let flood: Vec<u8> = (0..20_000)
+        .flat_map(|_| RawClient::frame(1, br#"{"type":"heartbeat"}"#))
+        .collect();
+    assert!(
+        c.send_raw(&flood).await,
+        "the gateway reset the connection instead of reading to the end"
+    );
+    let (before, code) = c.until_close().await;
+    assert_eq!(code, Some(1008));
+    assert!(
+        before.iter().any(|(_, p)| {
+            serde_json::from_slice::<serde_json::Value>(p)
+                .is_ok_and(|v| v["data"]["code"] == "rate_limited")
+        }),
+        "no rate_limited error before the close"
+    );
+    // Answering the close handshake ends the stream.
+    assert!(c.send_raw(&RawClient::close_frame(1000, b"")).await);
+    c.wait_end().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_that_keeps_sending_still_receives_the_1008_close() {
+    let gw = TestGateway::start(&[
+        "--outbound-queue-messages",
+        "16",
+        "--idle-timeout-secs",
+        "0",
+    ])
+    .await;
+    let http = gw.http();
+    let mut c = RawClient::connect(gw.addr).await;
+    c.join("firehose").await;
+    // The client reads nothing while the topic fills its socket buffers and then its queue.
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    loop {
+        let r = http
+            .post("/api/publish?topic=firehose")
+            .header("content-type", "application/octet-stream")
+            .body(vec![7u8; 64 * 1024])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let scrape = http.metrics().await;
+        if metric(
+            &scrape,
+            "wsgate_messages_dropped_total{reason=\"slow_consumer\"}",
+        )
+        .is_some_and(|n| n > 0.0)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never cut off as a slow consumer"
+        );
+    }
+    // Cut off; it keeps sending (pings, as a client's keep-alive would), then reads.
+    let pings: Vec<u8> = (0..2000).flat_map(|_| RawClient::frame(1, b"2")).collect();
+    assert!(c.send_raw(&pings).await);
+    let (before, code) = c.until_close().await;
+    assert_eq!(code, Some(1008));
+    assert!(
+        before.iter().all(|(op, _)| *op == 2),
+        "only data before the close"
+    );
+    assert!(c.send_raw(&RawClient::close_frame(1000, b"")).await);
+    c.wait_end().await;
+    http.wait_stats("the slow consumer gone", |s| s["connections"] == 0)
+        .await;
 }

@@ -3,7 +3,9 @@
 //! that can be killed, restarted and frozen. Everything spawned is killed on drop.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
+mod proxy;
 mod redis_server;
+pub use proxy::TcpProxy;
 pub use redis_server::RedisServer;
 
 use std::net::SocketAddr;
@@ -403,4 +405,182 @@ impl Client {
         self.send_text("2").await;
         assert_eq!(self.next_text().await, "3");
     }
+}
+
+/// A WebSocket client written on a bare TCP socket, for what a well-behaved client library
+/// will not do: send forbidden close codes, vanish with a FIN or a reset, keep sending after
+/// the server closed.
+pub struct RawClient {
+    pub stream: TcpStream,
+    /// Bytes read past the last parsed frame.
+    buf: Vec<u8>,
+    pub socket_id: String,
+}
+
+/// A frame the server sent: (opcode, payload).
+pub type RawFrame = (u8, Vec<u8>);
+
+impl RawClient {
+    /// Opens `/ws` and waits for the `session` envelope.
+    pub async fn connect(addr: SocketAddr) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let end = tokio::time::timeout(DEADLINE, async {
+            loop {
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    return end + 4;
+                }
+                let mut chunk = [0u8; 1024];
+                let n = stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "connection closed during the handshake");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await
+        .expect("no handshake response within the deadline");
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        buf.drain(..end);
+        let mut c = Self {
+            stream,
+            buf,
+            socket_id: String::new(),
+        };
+        let (op, payload) = c.next_frame().await.expect("no session envelope");
+        assert_eq!(op, 1);
+        let session: Value = serde_json::from_slice(&payload).unwrap();
+        c.socket_id = session["data"]["socketId"].as_str().unwrap().to_owned();
+        c
+    }
+
+    /// A final, masked client frame.
+    pub fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask: [u8; 4] = rand::random();
+        let mut out = vec![0x80 | opcode];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= 0xFFFF => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    /// A close frame carrying `code` and `reason`.
+    pub fn close_frame(code: u16, reason: &[u8]) -> Vec<u8> {
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend_from_slice(reason);
+        Self::frame(8, &payload)
+    }
+
+    /// Writes raw bytes; false once the server no longer takes them.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> bool {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.is_ok()
+    }
+
+    /// Sends a text frame.
+    pub async fn send_text(&mut self, text: &str) -> bool {
+        self.send_raw(&Self::frame(1, text.as_bytes())).await
+    }
+
+    /// Joins `topic` with an ack id and waits for `room.joined` (the join barrier).
+    pub async fn join(&mut self, topic: &str) {
+        let cmd = serde_json::json!({"type": "room.join", "room": topic, "id": topic});
+        assert!(self.send_text(&cmd.to_string()).await);
+        let (op, payload) = self.next_frame().await.expect("no join ack");
+        assert_eq!(op, 1);
+        let ack: Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(ack["name"], "room.joined", "{ack}");
+    }
+
+    /// The next frame, or `None` at end of stream or on a reset.
+    pub async fn next_frame(&mut self) -> Option<RawFrame> {
+        tokio::time::timeout(DEADLINE, self.read_frame())
+            .await
+            .expect("no frame and no end of stream within the deadline")
+    }
+
+    async fn read_frame(&mut self) -> Option<RawFrame> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Some(frame);
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            match self.stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Reads until the server's close frame: every frame before it, and its code (`None` for
+    /// an empty close payload). Panics if the stream ends without a close frame.
+    pub async fn until_close(&mut self) -> (Vec<RawFrame>, Option<u16>) {
+        let mut before = Vec::new();
+        loop {
+            match self.next_frame().await {
+                Some((8, payload)) => {
+                    let code =
+                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    return (before, code);
+                }
+                Some(frame) => before.push(frame),
+                None => panic!(
+                    "the stream ended without a close frame (after {} frames)",
+                    before.len()
+                ),
+            }
+        }
+    }
+
+    /// Waits for the server to end the stream (FIN or reset), discarding what arrives.
+    pub async fn wait_end(&mut self) {
+        while self.next_frame().await.is_some() {}
+    }
+
+    /// Closes the socket with a FIN and no close frame.
+    pub fn drop_with_fin(self) {
+        drop(self.stream);
+    }
+
+    /// Closes the socket with a TCP reset (SO_LINGER 0) and no close frame.
+    pub fn drop_with_reset(self) {
+        self.stream.set_zero_linger().unwrap();
+        drop(self.stream);
+    }
+}
+
+/// Parses one unmasked server frame from the front of `buf`: (frame, bytes used).
+fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let opcode = buf[0] & 0x0F;
+    assert_eq!(buf[1] & 0x80, 0, "server frames must not be masked");
+    let (len, at) = match buf[1] & 0x7F {
+        126 => (u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]) as usize, 4),
+        127 => {
+            let raw: [u8; 8] = buf.get(2..10)?.try_into().unwrap();
+            (u64::from_be_bytes(raw) as usize, 10)
+        }
+        n => (n as usize, 2),
+    };
+    let payload = buf.get(at..at + len)?.to_vec();
+    Some(((opcode, payload), at + len))
 }

@@ -256,6 +256,24 @@ impl RedisServer {
         v.first().map_or(0, |(_, n)| *n)
     }
 
+    /// The `sub=` count (channels subscribed) of every client connection subscribed to at
+    /// least one channel, from `CLIENT LIST`, sorted.
+    pub fn subscriber_connections(&self) -> Vec<i64> {
+        let mut c = self.connection();
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut c).unwrap();
+        let mut subs: Vec<i64> = list
+            .lines()
+            .filter_map(|line| {
+                line.split(' ')
+                    .find_map(|field| field.strip_prefix("sub="))
+                    .and_then(|n| n.parse().ok())
+            })
+            .filter(|n| *n > 0)
+            .collect();
+        subs.sort_unstable();
+        subs
+    }
+
     /// `PUBLISH channel payload`, returning the receiver count.
     pub fn publish(&self, channel: &str, payload: &[u8]) -> i64 {
         let mut c = self.connection();

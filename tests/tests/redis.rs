@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use wsgate_tests::{Client, DEADLINE, Http, ProcessGateway, Received, RedisServer, metric};
+use wsgate_tests::{
+    Client, DEADLINE, Http, ProcessGateway, RawClient, Received, RedisServer, TcpProxy, metric,
+};
 
 async fn fleet(redis: &RedisServer, n: usize, prefix: &str, extra: &[&str]) -> Vec<ProcessGateway> {
     let url = redis.url();
@@ -772,4 +774,367 @@ async fn a_socket_is_reachable_from_any_replica_as_soon_as_its_session_arrives()
         .await;
     assert_eq!(status, 200);
     assert!(matches!(c.next().await, Received::Close(Some(1000), _)));
+}
+
+/// Polls until Redis lists no subscriber on any of `channels`.
+async fn wait_unsubscribed(redis: &RedisServer, channels: &[&str]) {
+    let deadline = Instant::now() + DEADLINE;
+    while channels.iter().any(|c| redis.numsub(c) != 0) {
+        assert!(Instant::now() < deadline, "still subscribed: {channels:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_vanishes_with_a_fin_or_a_reset_is_cleaned_up_at_once() {
+    let redis = RedisServer::start();
+    // A close timeout far past every deadline below: cleanup must not wait for it.
+    let gws = fleet(&redis, 1, "abrupt", &["--close-timeout-ms", "600000"]).await;
+    let http = gws[0].http();
+    for reset in [false, true] {
+        let how = if reset { "reset" } else { "fin" };
+        let mut c = RawClient::connect(gws[0].addr).await;
+        let topic = format!("abrupt:only-{how}");
+        c.join(&format!("only-{how}")).await;
+        let direct = format!("abrupt:__socket__:{}", c.socket_id);
+        assert_eq!(redis.numsub(&direct), 1);
+        assert_eq!(redis.numsub(&topic), 1);
+        let gone = Instant::now();
+        if reset {
+            c.drop_with_reset();
+        } else {
+            c.drop_with_fin();
+        }
+        http.wait_stats("the connection to be gone", |s| s["connections"] == 0)
+            .await;
+        let uncounted = gone.elapsed();
+        // Its direct channel and the topic it alone had joined are released in Redis too.
+        wait_unsubscribed(&redis, &[&direct, &topic]).await;
+        println!(
+            "{how}: uncounted after {uncounted:?}, unsubscribed in Redis after {:?}",
+            gone.elapsed()
+        );
+    }
+    let scrape = http.metrics().await;
+    assert_eq!(
+        metric(
+            &scrape,
+            "wsgate_connections_closed_total{reason=\"client\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &scrape,
+            "wsgate_connections_closed_total{reason=\"io_error\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_publish_during_a_frozen_redis_is_answered_within_its_timeout() {
+    const TIMEOUT: Duration = Duration::from_millis(1000);
+    // Far above the gateway's own work on a loaded machine, far below the seconds a publish
+    // used to wait behind the ones before it.
+    const MARGIN: Duration = Duration::from_millis(1500);
+    const FREEZE: Duration = Duration::from_secs(10);
+    let redis = RedisServer::start();
+    let gws = fleet(&redis, 1, "freeze", &["--connect-timeout-ms", "1000"]).await;
+    let addr = gws[0].addr;
+    let mut c = gws[0].client().await;
+    c.join("t").await;
+    // Opens the publisher connection.
+    gws[0].http().publish("t", "before").await;
+    assert_eq!(c.next_text().await, "before");
+
+    redis.signal("-STOP");
+    let frozen = Instant::now();
+    // One publish every 100 ms, each from its own caller, as independent backends would.
+    let mut calls = Vec::new();
+    let mut n = 0;
+    while frozen.elapsed() < FREEZE {
+        let msg = format!("frozen-{n}");
+        n += 1;
+        calls.push(tokio::spawn(async move {
+            let http = Http::new(addr);
+            let sent = frozen.elapsed();
+            let status = publish_status(&http, "t", &msg).await;
+            (msg, sent, frozen.elapsed() - sent, status)
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    redis.signal("-CONT");
+    let resumed = frozen.elapsed();
+    let mut results = Vec::new();
+    for call in calls {
+        results.push(call.await.unwrap());
+    }
+
+    let slowest = results.iter().map(|r| r.2).max().unwrap();
+    let count = |s: u16| results.iter().filter(|r| r.3 == s).count();
+    println!(
+        "{} publishes over a {FREEZE:?} freeze (timeout {TIMEOUT:?}): slowest answer {slowest:?}; 200: {}, 503: {}, 504: {}",
+        results.len(),
+        count(200),
+        count(503),
+        count(504)
+    );
+    for (msg, sent, took, status) in &results {
+        assert!(
+            *took <= TIMEOUT + MARGIN,
+            "{msg} sent {sent:?} into the freeze was answered {status} after {took:?}"
+        );
+        assert!([200, 503, 504].contains(status), "{msg} answered {status}");
+        if *sent + *took < resumed {
+            assert_ne!(
+                *status, 200,
+                "{msg} was answered 200 while Redis was frozen"
+            );
+        }
+    }
+    // Once one PUBLISH went unanswered, the connection is declared broken: the publishes after
+    // that answer fail fast with 503 instead of queueing behind the frozen server.
+    let first_timeout = results
+        .iter()
+        .filter(|r| r.3 == 504)
+        .map(|r| r.1 + r.2)
+        .min()
+        .expect("no publish timed out");
+    for (msg, sent, took, status) in &results {
+        if *sent > first_timeout && *sent + *took < resumed {
+            assert_eq!(*status, 503, "{msg} sent {sent:?} into the freeze");
+        }
+    }
+
+    // After the freeze, publishing works again without any help...
+    let deadline = Instant::now() + DEADLINE;
+    let mut after = 0;
+    loop {
+        let msg = format!("after-{after}");
+        if publish_status(&gws[0].http(), "t", &msg).await == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "publishing never resumed");
+        after += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... and the subscriber got every 2xx-answered message and nothing answered 503 (not sent).
+    let mut got = Vec::new();
+    loop {
+        let m = c.next_text().await;
+        if m == format!("after-{after}") {
+            break;
+        }
+        got.push(m);
+    }
+    for (msg, _, _, status) in &results {
+        match status {
+            200 => assert!(
+                got.contains(msg),
+                "{msg} was answered 200 but never arrived"
+            ),
+            503 => assert!(!got.contains(msg), "{msg} was answered 503 yet delivered"),
+            _ => {}
+        }
+    }
+}
+
+/// Polls until Redis and the gateways agree on the channels each gateway is subscribed to:
+/// `PUBSUB NUMSUB` of every channel as `want` says, and the `sub=` counts of the subscriber
+/// connections in `CLIENT LIST` equal to what each gateway reports it holds.
+async fn wait_records_match_redis(
+    redis: &RedisServer,
+    prefix: &str,
+    want: &HashMap<String, i64>,
+    gws: &[&Http],
+) {
+    wait_bookkeeping(redis, prefix, want).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut reported = Vec::new();
+        for http in gws {
+            reported.push(http.stats().await["broker"]["channels"].as_i64().unwrap());
+        }
+        reported.sort_unstable();
+        let in_redis = redis.subscriber_connections();
+        if reported == in_redis {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateways report {reported:?} channels, Redis holds {in_redis:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_that_redis_confirms_after_its_topic_was_left_is_undone() {
+    let redis = RedisServer::start();
+    let proxy = TcpProxy::start(redis.port()).await;
+    let url = format!("redis://127.0.0.1:{}", proxy.port());
+    // A timeout longer than the freeze: the SUBSCRIBE in flight is answered, not abandoned.
+    let gw = ProcessGateway::spawn(&[
+        "--redis-url",
+        &url,
+        "--key-prefix",
+        "late",
+        "--connect-timeout-ms",
+        "20000",
+    ])
+    .await;
+    wait_ready(&gw.http(), 200).await;
+    let mut c = gw.client().await;
+    c.join("warm").await;
+
+    redis.signal("-STOP");
+    c.send_text(r#"{"type":"room.join","room":"brief"}"#).await;
+    // The SUBSCRIBE is on its way to the frozen server...
+    proxy.wait_sent(b"late:brief").await;
+    // ... when the only subscriber leaves (handled before the ping: frames are in order).
+    c.send_text(r#"{"type":"room.leave","room":"brief"}"#).await;
+    c.assert_alive().await;
+    redis.signal("-CONT");
+
+    // Redis confirms a SUBSCRIBE nobody wants any more: the gateway must record it, and undo it.
+    let mut want = HashMap::new();
+    want.insert("late:warm".to_owned(), 1);
+    want.insert(format!("late:__socket__:{}", c.socket_id), 1);
+    want.insert("late:__broadcast__".to_owned(), 1);
+    want.insert("late:__replicas__".to_owned(), 1);
+    wait_records_match_redis(&redis, "late", &want, &[&gw.http()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_churn_across_random_freezes_leaves_the_records_equal_to_redis() {
+    const TIMEOUT_MS: u64 = 800;
+    let seed: u64 = std::env::var("WSGATE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    println!("seed {seed} (replay with WSGATE_TEST_SEED)");
+    let redis = RedisServer::start();
+    let timeout = TIMEOUT_MS.to_string();
+    let gws = fleet(&redis, 2, "storm", &["--connect-timeout-ms", &timeout]).await;
+    let (mut sims, mut churn) = simulation(12, 2, 20, seed);
+    let mut freezes = StdRng::seed_from_u64(seed ^ 0x5eed);
+    for _ in 0..60 {
+        churn.step(&mut sims, &gws, false).await;
+    }
+    for _ in 0..6 {
+        // Freezes around the command timeout: shorter ones leave commands in flight that Redis
+        // answers late; longer ones make the gateways replace their connections.
+        let freeze = Duration::from_millis(freezes.random_range(TIMEOUT_MS / 4..TIMEOUT_MS * 2));
+        redis.signal("-STOP");
+        let frozen = Instant::now();
+        while frozen.elapsed() < freeze {
+            churn.step(&mut sims, &gws, false).await;
+        }
+        redis.signal("-CONT");
+        // Keep churning through the resubscribe burst that follows.
+        for _ in 0..freezes.random_range(20..120) {
+            churn.step(&mut sims, &gws, false).await;
+        }
+    }
+    let per = expected_state(&sims, gws.len());
+    wait_local_counts(&gws, &per).await;
+    let https: Vec<Http> = gws.iter().map(ProcessGateway::http).collect();
+    let refs: Vec<&Http> = https.iter().collect();
+    wait_records_match_redis(&redis, "storm", &expected_numsub("storm", &per), &refs).await;
+    // Everyone leaves: nothing may be left behind, in Redis or in the records.
+    for s in &mut sims {
+        s.client = None;
+        s.joined.clear();
+    }
+    let per = expected_state(&sims, gws.len());
+    wait_local_counts(&gws, &per).await;
+    wait_records_match_redis(&redis, "storm", &expected_numsub("storm", &per), &refs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_2xx_after_a_freeze_until_a_replica_that_lost_its_subscriber_has_resubscribed() {
+    let redis = RedisServer::start();
+    // B reaches Redis through a proxy that can hold Redis's replies back.
+    let proxy = TcpProxy::start(redis.port()).await;
+    let via_proxy = format!("redis://127.0.0.1:{}", proxy.port());
+    let args = ["--key-prefix", "gap", "--connect-timeout-ms", "1000"];
+    let a = ProcessGateway::spawn(&[&["--redis-url", &redis.url()][..], &args].concat()).await;
+    let b = ProcessGateway::spawn(&[&["--redis-url", &via_proxy][..], &args].concat()).await;
+    for gw in [&a, &b] {
+        wait_ready(&gw.http(), 200).await;
+        gw.http()
+            .wait_stats("the other replica heard", |s| {
+                s["broker"]["replicasSeen"] == 1
+            })
+            .await;
+    }
+    let mut ca = a.client().await;
+    let mut cb = b.client().await;
+    ca.join("t").await;
+    cb.join("t").await;
+
+    redis.signal("-STOP");
+    // B's subscriber has a command go unanswered, so B replaces its connection...
+    cb.send_text(r#"{"type":"room.join","room":"other"}"#).await;
+    wait_ready(&b.http(), 503).await;
+    // ... while A only sees a PUBLISH go unanswered.
+    assert_eq!(publish_status(&a.http(), "t", "frozen").await, 504);
+    // B cannot resubscribe after the freeze until its replies are let through.
+    proxy.hold();
+    redis.signal("-CONT");
+    let resumed = Instant::now();
+    let mut answered = Vec::new();
+    let mut n = 0;
+    // Well inside the 3 s after which a replica that does not answer is presumed gone.
+    while resumed.elapsed() < Duration::from_millis(1500) {
+        let msg = format!("held-{n}");
+        n += 1;
+        let status = publish_status(&a.http(), "t", &msg).await;
+        answered.push((msg, status));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.release();
+    wait_ready(&b.http(), 200).await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let msg = format!("after-{n}");
+        n += 1;
+        let status = publish_status(&a.http(), "t", &msg).await;
+        answered.push((msg.clone(), status));
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A never published again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let last = answered.last().unwrap().0.clone();
+    let accepted: Vec<&String> = answered
+        .iter()
+        .filter(|(_, s)| *s == 200)
+        .map(|(m, _)| m)
+        .collect();
+    println!(
+        "{} publishes while B was resubscribing: {:?}",
+        answered.len(),
+        answered.iter().map(|(_, s)| *s).collect::<Vec<_>>()
+    );
+    // Every 2xx reached the subscribers on both replicas.
+    for (name, c) in [("A", &mut ca), ("B", &mut cb)] {
+        let mut got = Vec::new();
+        loop {
+            let m = c.next_text().await;
+            let done = m == last;
+            got.push(m);
+            if done {
+                break;
+            }
+        }
+        for m in &accepted {
+            assert!(
+                got.contains(m),
+                "{m} was answered 200 but never reached the subscriber on {name}: {got:?}"
+            );
+        }
+    }
 }

@@ -28,8 +28,9 @@ use rand::Rng;
 use redis::aio::{MultiplexedConnection, PubSubSink};
 use redis::{AsyncConnectionConfig, RedisError};
 use serde_json::json;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant as Deadline;
 
 use super::{BoxFuture, Broker, BrokerError, Message, Sink, wire};
 use crate::metrics::{BrokerMetrics, DropReason, Metrics};
@@ -95,15 +96,45 @@ struct State {
     sink: Option<Arc<dyn Sink>>,
 }
 
+/// The publisher connection's state.
+///
+/// Every publish has its own deadline, `timeout` after it arrived, and is answered by then
+/// whatever the others do: nothing waits on a lock held across a connect or a command. A
+/// PUBLISH left unanswered means Redis may be frozen or cut off; the connection is then
+/// declared broken, so later publishes fail fast (503: not sent) instead of queueing behind
+/// the unresponsive server, while one background task reconnects.
+#[derive(Clone)]
+enum PubConn {
+    /// Not connected (why, for the error): the next publish connects, and waits for it
+    /// within its own deadline.
+    Closed(Arc<str>),
+    /// A connect is under way; publishes wait for it within their own deadline.
+    Connecting,
+    /// Connected; the number tells connections apart, so that a late failure of an old one
+    /// cannot break its replacement.
+    Ready(MultiplexedConnection, u64),
+    /// A PUBLISH went unanswered: publishes fail fast until the background reconnect succeeds.
+    Broken,
+}
+
 /// What a replica knows of the others.
 #[derive(Default)]
 struct Peers {
     last_seen: HashMap<uuid::Uuid, Instant>,
     /// Replicas alive when our subscriber went down, not heard from since it came back.
     waiting_for: HashSet<uuid::Uuid>,
-    /// Until when publishing waits for them.
+    /// Until when publishing waits for them (`None`: until this replica is back in touch
+    /// with Redis, when the wait starts).
     deadline: Option<Instant>,
+    /// The question of the current wait: only an answer carrying it clears a replica, so an
+    /// announcement sent before the outage and delivered after it cannot.
+    nonce: Option<u64>,
+    /// Questions other replicas asked us, answered in our next announcement.
+    acks_owed: Vec<u64>,
 }
+
+/// Most unanswered questions kept (one per replica that came back recently).
+const MAX_ACKS_OWED: usize = 64;
 
 struct Inner {
     client: redis::Client,
@@ -111,6 +142,8 @@ struct Inner {
     replica: uuid::Uuid,
     peers: std::sync::Mutex<Peers>,
     announce: Notify,
+    /// The next announcement asks the others to answer (a wait for them just started).
+    ask_back: AtomicBool,
     prefix: String,
     timeout: Duration,
     max_payload: usize,
@@ -121,7 +154,8 @@ struct Inner {
     stop: Notify,
     stopped: AtomicBool,
     up: AtomicBool,
-    publisher: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// The publisher connection; every publish reads it, only connects and failures change it.
+    publisher: watch::Sender<PubConn>,
     last_warning_ms: AtomicU64,
 }
 
@@ -176,6 +210,7 @@ impl RedisBroker {
                 replica: uuid::Uuid::new_v4(),
                 peers: std::sync::Mutex::default(),
                 announce: Notify::new(),
+                ask_back: AtomicBool::new(false),
                 prefix: format!("{}:", settings.key_prefix),
                 timeout: settings.timeout,
                 max_payload: settings.max_payload,
@@ -186,7 +221,7 @@ impl RedisBroker {
                 stop: Notify::new(),
                 stopped: AtomicBool::new(false),
                 up: AtomicBool::new(false),
-                publisher: tokio::sync::Mutex::new(None),
+                publisher: watch::Sender::new(PubConn::Closed("not connected yet".into())),
                 last_warning_ms: AtomicU64::new(0),
             }),
             task: Mutex::new(None),
@@ -218,18 +253,47 @@ impl Inner {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         if was && !up {
             // Remember who was alive when we lost Redis: they must be back before we publish.
-            let alive: Vec<uuid::Uuid> = peers
-                .last_seen
-                .iter()
-                .filter(|(_, seen)| now.duration_since(**seen) < PEER_TTL)
-                .map(|(id, _)| *id)
-                .collect();
-            peers.waiting_for.extend(alive);
+            Self::wait_for_alive(&mut peers, now, PEER_TTL);
         } else if !was && up {
-            peers.deadline = Some(now + BARRIER_MAX);
             drop(peers);
-            self.announce.notify_one();
+            self.start_waiting();
         }
+    }
+
+    /// Adds the replicas heard from within `within` to those publishing must wait for; the
+    /// wait itself starts with [`Inner::start_waiting`].
+    fn wait_for_alive(peers: &mut Peers, now: Instant, within: Duration) {
+        let alive: Vec<uuid::Uuid> = peers
+            .last_seen
+            .iter()
+            .filter(|(_, seen)| now.duration_since(**seen) < within)
+            .map(|(id, _)| *id)
+            .collect();
+        peers.waiting_for.extend(alive);
+        peers.deadline = None;
+        // A question nobody has been asked yet: nothing clears them before we ask.
+        peers.nonce = Some(rand::rng().random());
+    }
+
+    /// Back in touch with Redis: ask the replicas we wait for to answer (each does once its
+    /// own subscriber is up and resubscribed), for at most [`BARRIER_MAX`].
+    fn start_waiting(&self) {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        peers.deadline = Some(Instant::now() + BARRIER_MAX);
+        peers.nonce = Some(rand::rng().random());
+        drop(peers);
+        self.ask_back.store(true, Ordering::Release);
+        self.announce.notify_one();
+    }
+
+    /// A PUBLISH went unanswered: Redis may be frozen, and another replica's subscriber may be
+    /// dropping its connection meanwhile, to resubscribe on a new one once Redis is back. A
+    /// message published before it has resubscribed would miss its clients, so once our
+    /// publisher is back, publishing waits for the replicas alive lately to answer, as after
+    /// an outage of our own.
+    fn suspect_outage(&self) {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        Self::wait_for_alive(&mut peers, Instant::now(), PEER_TTL + self.timeout);
     }
 
     fn replicas_channel(&self) -> String {
@@ -245,8 +309,14 @@ impl Inner {
             /// Sent by a replica whose subscriber just came back: others answer at once.
             #[serde(default)]
             back: bool,
+            /// With `back`: the question the answers must carry.
+            #[serde(default)]
+            nonce: Option<u64>,
+            /// Answers to questions of replicas that came back.
+            #[serde(default)]
+            acks: Vec<u64>,
         }
-        if payload.len() > 256 {
+        if payload.len() > 2048 {
             return Err(wire::Rejection::TooLarge(payload.len()));
         }
         let a: Announce = serde_json::from_slice(payload)
@@ -257,7 +327,19 @@ impl Inner {
             let now = Instant::now();
             let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
             let known = peers.last_seen.insert(id, now).is_some();
-            peers.waiting_for.remove(&id);
+            // While we wait with a question, only its answer counts: an announcement
+            // queued in a frozen Redis says nothing of the replica's state now.
+            let answered = peers.nonce.is_none_or(|n| a.acks.contains(&n));
+            if answered {
+                peers.waiting_for.remove(&id);
+            }
+            if a.back
+                && let Some(n) = a.nonce
+                && !peers.acks_owed.contains(&n)
+                && peers.acks_owed.len() < MAX_ACKS_OWED
+            {
+                peers.acks_owed.push(n);
+            }
             peers
                 .last_seen
                 .retain(|_, seen| now.duration_since(*seen) < PEER_TTL * 10);
@@ -268,6 +350,17 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Other replicas heard from lately.
+    fn replicas_seen(&self) -> usize {
+        let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        peers
+            .last_seen
+            .values()
+            .filter(|seen| now.duration_since(**seen) < PEER_TTL)
+            .count()
     }
 
     /// Why publishing must wait, if it must.
@@ -299,16 +392,50 @@ impl Inner {
             }
             let up = self.up.load(Ordering::Acquire);
             if up {
-                // The first announcement after coming up asks the others to answer at once.
-                let back = !announced_up;
-                let payload = format!("{{\"replica\":\"{}\",\"back\":{back}}}", self.replica);
+                // The first announcement after coming up, or after a wait for the others
+                // started, asks them to answer at once.
+                let asked = self.ask_back.swap(false, Ordering::AcqRel);
+                let (back, nonce, acks) = {
+                    let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+                    // While we wait, every announcement repeats the question: a replica
+                    // whose subscriber was down when we first asked never heard it.
+                    let waiting = peers.deadline.is_some() && !peers.waiting_for.is_empty();
+                    let back = !announced_up || asked || waiting;
+                    let nonce = if back { peers.nonce } else { None };
+                    (back, nonce, std::mem::take(&mut peers.acks_owed))
+                };
+                // Sent only while our subscriber is up: an answer means "I receive again".
+                let mut announcement = json!({"replica": self.replica.to_string(), "back": back});
+                if let Some(n) = nonce {
+                    announcement["nonce"] = json!(n);
+                }
+                if !acks.is_empty() {
+                    announcement["acks"] = json!(acks);
+                }
+                let payload = announcement.to_string().into_bytes();
                 // After an outage the publisher connection is usually stale: the first
                 // attempt drops it, the second reconnects.
+                let mut sent = false;
                 for _ in 0..2 {
-                    let sent = self.send(self.replicas_channel(), payload.clone().into_bytes());
-                    if sent.await.is_ok() {
-                        announced_up = true;
+                    let deadline = Deadline::now() + self.timeout;
+                    let attempt = self.send(self.replicas_channel(), payload.clone(), deadline);
+                    if attempt.await.is_ok() {
+                        sent = true;
                         break;
+                    }
+                }
+                if sent {
+                    announced_up = true;
+                } else {
+                    // Ask and answer again next time.
+                    if asked {
+                        self.ask_back.store(true, Ordering::Release);
+                    }
+                    let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+                    for n in acks {
+                        if !peers.acks_owed.contains(&n) && peers.acks_owed.len() < MAX_ACKS_OWED {
+                            peers.acks_owed.push(n);
+                        }
                     }
                 }
             } else {
@@ -450,19 +577,22 @@ impl Inner {
                     let mut st = lock(&self.state);
                     let mut activated = 0;
                     for name in batch {
-                        if let Some(c) = st.channels.get_mut(name) {
-                            if !c.active {
-                                c.active = true;
-                                activated += 1;
-                            }
-                            c.failed = false;
-                            for w in c.waiters.drain(..) {
-                                let _ = w.send(Ok(()));
-                            }
-                            // Left while we subscribed: the next pass unsubscribes it.
-                            if !c.wanted {
-                                st.dirty.insert(name.clone());
-                            }
+                        // Recorded from Redis's confirmation even when the channel's record
+                        // is gone — its last subscriber left while the SUBSCRIBE was in
+                        // flight (for seconds, under a frozen Redis): otherwise nothing would
+                        // ever unsubscribe it.
+                        let c = st.channels.entry(name.clone()).or_default();
+                        if !c.active {
+                            c.active = true;
+                            activated += 1;
+                        }
+                        c.failed = false;
+                        for w in c.waiters.drain(..) {
+                            let _ = w.send(Ok(()));
+                        }
+                        // Left while we subscribed: the next pass unsubscribes it.
+                        if !c.wanted {
+                            st.dirty.insert(name.clone());
                         }
                     }
                     st.active += activated;
@@ -592,24 +722,127 @@ impl Inner {
         }
     }
 
-    async fn publisher(&self) -> Result<MultiplexedConnection, BrokerError> {
-        let mut slot = self.publisher.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
+    /// The publisher connection, connecting first if there is none; `Err` (nothing sent) when
+    /// it is broken, the connect fails, or `deadline` passes first.
+    async fn publisher(
+        self: &Arc<Self>,
+        deadline: Deadline,
+    ) -> Result<(MultiplexedConnection, u64), BrokerError> {
+        let mut start = false;
+        self.publisher.send_if_modified(|st| {
+            start = matches!(st, PubConn::Closed(_));
+            if start {
+                *st = PubConn::Connecting;
+            }
+            start
+        });
+        if start {
+            tokio::spawn(self.clone().connect_publisher(false));
         }
-        let conn = tokio::time::timeout(
-            self.timeout,
-            self.client
-                .get_multiplexed_async_connection_with_config(&self.connection_config()),
+        let mut rx = self.publisher.subscribe();
+        let settled = tokio::time::timeout_at(
+            deadline,
+            rx.wait_for(|st| !matches!(st, PubConn::Connecting)),
         )
-        .await
-        .map_err(|_| BrokerError::Unavailable("Redis connect timed out".into()))?
-        .map_err(|e| BrokerError::Unavailable(format!("Redis unreachable: {e}")))?;
-        *slot = Some(conn.clone());
-        Ok(conn)
+        .await;
+        let state = match settled {
+            Ok(Ok(st)) => st.clone(),
+            Ok(Err(_)) => return Err(BrokerError::Stopped),
+            Err(_) => {
+                return Err(BrokerError::Unavailable(
+                    "Redis connect did not finish in time".into(),
+                ));
+            }
+        };
+        match state {
+            PubConn::Ready(conn, id) => Ok((conn, id)),
+            PubConn::Broken => Err(BrokerError::Unavailable(
+                "Redis did not answer a recent PUBLISH in time; reconnecting".into(),
+            )),
+            PubConn::Closed(why) => Err(BrokerError::Unavailable(why.to_string())),
+            PubConn::Connecting => Err(BrokerError::Unavailable("Redis connect pending".into())),
+        }
     }
 
-    async fn publish(&self, channel: String, payload: Vec<u8>) -> Result<(), BrokerError> {
+    /// Connects the publisher. In the background (after a connection was declared broken) it
+    /// keeps trying, with backoff, until it succeeds or the broker stops; otherwise one failed
+    /// attempt leaves the state `Closed` and the next publish tries again.
+    async fn connect_publisher(self: Arc<Self>, background: bool) {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let mut failures = 0;
+        loop {
+            if self.stopped.load(Ordering::Acquire) {
+                self.publisher
+                    .send_replace(PubConn::Closed("broker stopped".into()));
+                return;
+            }
+            let attempt = tokio::time::timeout(
+                self.timeout,
+                self.client
+                    .get_multiplexed_async_connection_with_config(&self.connection_config()),
+            )
+            .await;
+            let why = match attempt {
+                Ok(Ok(_)) if self.stopped.load(Ordering::Acquire) => {
+                    // Stopped while connecting: leave nothing open behind `stop`.
+                    self.publisher
+                        .send_replace(PubConn::Closed("broker stopped".into()));
+                    return;
+                }
+                Ok(Ok(conn)) => {
+                    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+                    self.publisher.send_replace(PubConn::Ready(conn, id));
+                    if background {
+                        // Back after an unanswered PUBLISH: see `suspect_outage`.
+                        self.start_waiting();
+                    }
+                    return;
+                }
+                Ok(Err(e)) => format!("Redis unreachable: {e}"),
+                Err(_) => "Redis connect timed out".to_owned(),
+            };
+            if !background {
+                self.publisher.send_replace(PubConn::Closed(why.into()));
+                return;
+            }
+            tracing::debug!(reason = %why, "Redis publisher reconnect failed");
+            failures += 1;
+            if self.pause(reconnect_delay(failures)).await {
+                self.publisher
+                    .send_replace(PubConn::Closed("broker stopped".into()));
+                return;
+            }
+        }
+    }
+
+    /// Records that connection `id` failed: broken (fail fast and reconnect in the background)
+    /// after a timeout, closed (reconnect on the next publish) after any other error.
+    fn publisher_failed(self: &Arc<Self>, id: u64, timed_out: bool, why: &str) {
+        let replaced = self.publisher.send_if_modified(|st| {
+            if !matches!(st, PubConn::Ready(_, current) if *current == id) {
+                return false; // already replaced or being replaced
+            }
+            *st = if timed_out {
+                PubConn::Broken
+            } else {
+                PubConn::Closed(why.into())
+            };
+            true
+        });
+        if replaced && timed_out {
+            tracing::warn!("Redis did not answer a PUBLISH in time; reconnecting the publisher");
+            self.suspect_outage();
+            tokio::spawn(self.clone().connect_publisher(true));
+        }
+    }
+
+    async fn publish(
+        self: Arc<Self>,
+        channel: String,
+        payload: Vec<u8>,
+    ) -> Result<(), BrokerError> {
+        // The publish's own deadline, counted from its arrival: it is answered by then.
+        let deadline = Deadline::now() + self.timeout;
         if self.stopped.load(Ordering::Acquire) {
             return Err(BrokerError::Stopped);
         }
@@ -625,14 +858,20 @@ impl Inner {
                 "back from a Redis outage; waiting for {n} other replica(s) to resubscribe"
             )));
         }
-        self.send(channel, payload).await
+        self.send(channel, payload, deadline).await
     }
 
-    /// PUBLISH without the readiness checks.
-    async fn send(&self, channel: String, payload: Vec<u8>) -> Result<(), BrokerError> {
-        let mut conn = self.publisher().await?;
-        let result: Result<i64, RedisError> = tokio::time::timeout(
-            self.timeout,
+    /// PUBLISH without the readiness checks, answered by `deadline`: `Unavailable` when
+    /// nothing was sent, `Timeout` when it was sent and not answered in time.
+    async fn send(
+        self: &Arc<Self>,
+        channel: String,
+        payload: Vec<u8>,
+        deadline: Deadline,
+    ) -> Result<(), BrokerError> {
+        let (mut conn, id) = self.publisher(deadline).await?;
+        let result: Result<i64, RedisError> = tokio::time::timeout_at(
+            deadline,
             redis::cmd("PUBLISH")
                 .arg(&channel)
                 .arg(payload)
@@ -645,16 +884,15 @@ impl Inner {
                 tracing::trace!(%channel, receivers, "published");
                 Ok(())
             }
+            Err(e) if e.is_timeout() => {
+                self.publisher_failed(id, true, "");
+                Err(BrokerError::Timeout)
+            }
             Err(e) => {
-                // Any failure may leave the connection unusable: start fresh next time.
-                self.publisher.lock().await.take();
-                if e.is_timeout() {
-                    Err(BrokerError::Timeout)
-                } else {
-                    Err(BrokerError::Unavailable(format!(
-                        "Redis PUBLISH failed: {e}"
-                    )))
-                }
+                // Any other failure may leave the connection unusable: start fresh next time.
+                let why = format!("Redis PUBLISH failed: {e}");
+                self.publisher_failed(id, false, &why);
+                Err(BrokerError::Unavailable(why))
             }
         }
     }
@@ -772,7 +1010,7 @@ impl Broker for RedisBroker {
     ) -> BoxFuture<'_, Result<(), BrokerError>> {
         let name = self.inner.channel_name(channel);
         let payload = wire::encode(&channel.topic_name(), &message);
-        Box::pin(self.inner.publish(name, payload))
+        Box::pin(self.inner.clone().publish(name, payload))
     }
 
     fn is_up(&self) -> bool {
@@ -794,6 +1032,7 @@ impl Broker for RedisBroker {
             "reconnects": self.inner.metrics.reconnects.get(),
             "replica": self.inner.replica.to_string(),
             "waitingForReplicas": self.inner.barrier().unwrap_or(0),
+            "replicasSeen": self.inner.replicas_seen(),
         })
     }
 
@@ -823,7 +1062,9 @@ impl Broker for RedisBroker {
                     abort.abort();
                 }
             }
-            self.inner.publisher.lock().await.take();
+            self.inner
+                .publisher
+                .send_replace(PubConn::Closed("broker stopped".into()));
             lock(&self.inner.state).sink = None;
             self.inner.set_up(false);
         })
@@ -846,6 +1087,76 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn broker() -> RedisBroker {
+        let settings = RedisSettings {
+            url: "redis://127.0.0.1:1".into(),
+            key_prefix: KeyPrefix::new("unit").unwrap(),
+            timeout: Duration::from_millis(500),
+            max_payload: 1024,
+            ca_pem: None,
+        };
+        RedisBroker::new(settings, Metrics::new().broker, None).unwrap()
+    }
+
+    fn announce(inner: &Inner, body: serde_json::Value) {
+        inner.on_announce(body.to_string().as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn only_an_answer_to_the_current_question_ends_the_wait_after_an_outage() {
+        let b = broker();
+        let inner = &b.inner;
+        let peer = uuid::Uuid::new_v4().to_string();
+        announce(inner, json!({"replica": peer}));
+        inner.set_up(true);
+        inner.set_up(false);
+        assert_eq!(inner.barrier(), Some(1));
+        // An announcement delivered while we are still down (it may have waited in a frozen
+        // Redis) says nothing of the peer's state now.
+        announce(inner, json!({"replica": peer}));
+        assert_eq!(inner.barrier(), Some(1));
+        inner.set_up(true);
+        let nonce = inner.peers.lock().unwrap().nonce.unwrap();
+        announce(
+            inner,
+            json!({"replica": peer, "acks": [nonce.wrapping_add(1)]}),
+        );
+        assert_eq!(inner.barrier(), Some(1));
+        announce(inner, json!({"replica": peer, "acks": [nonce]}));
+        assert_eq!(inner.barrier(), None);
+    }
+
+    #[test]
+    fn an_unanswered_publish_makes_publishing_wait_for_the_replicas_heard_lately() {
+        let b = broker();
+        let inner = &b.inner;
+        let peer = uuid::Uuid::new_v4().to_string();
+        announce(inner, json!({"replica": peer}));
+        inner.suspect_outage();
+        // Until the publisher is back, the wait has not started: it does not time out.
+        assert_eq!(inner.barrier(), Some(1));
+        inner.start_waiting();
+        assert!(inner.ask_back.load(Ordering::Acquire));
+        let nonce = inner.peers.lock().unwrap().nonce.unwrap();
+        announce(inner, json!({"replica": peer, "acks": [nonce]}));
+        assert_eq!(inner.barrier(), None);
+    }
+
+    #[test]
+    fn questions_from_replicas_that_came_back_are_kept_to_be_answered() {
+        let b = broker();
+        let inner = &b.inner;
+        let peer = uuid::Uuid::new_v4().to_string();
+        announce(inner, json!({"replica": peer, "back": true, "nonce": 42}));
+        announce(inner, json!({"replica": peer, "back": true, "nonce": 42}));
+        assert_eq!(inner.peers.lock().unwrap().acks_owed, vec![42]);
+        assert!(
+            inner
+                .on_announce(br#"{"replica":"x","nonce":"not a number"}"#)
+                .is_err()
+        );
     }
 
     #[test]
