@@ -22,6 +22,29 @@ fn wscluster(name: &str, extra_spec: &str) -> String {
     )
 }
 
+fn wait_running_pods(ns: &str, name: &str, count: usize) {
+    wait_until(&format!("{count} running pods"), DEADLINE, || {
+        (running_pods(ns, name).len() == count).then_some(())
+    });
+}
+
+/// `kubectl scale wsc` (the scale subresource).
+fn scale_wsc(ns: &str, name: &str, replicas: u32) {
+    kubectl(&[
+        "scale",
+        "wsc",
+        name,
+        "-n",
+        ns,
+        &format!("--replicas={replicas}"),
+    ]);
+}
+
+/// A JSON merge patch of a WsCluster.
+fn patch_wsc(ns: &str, name: &str, patch: &str) {
+    kubectl(&["patch", "wsc", name, "-n", ns, "--type=merge", "-p", patch]);
+}
+
 fn owner_uid(object: &Value) -> Option<&str> {
     object["metadata"]["ownerReferences"]
         .as_array()?
@@ -204,16 +227,7 @@ fn a_wscluster_gets_owned_children_and_pods_on_kwok_nodes_and_becomes_ready() {
     assert!(describe.contains("Ready"), "{describe}");
 
     // A spec the schema admits but the operator cannot run: Ready=False, a Warning Event.
-    kubectl(&[
-        "patch",
-        "wsc",
-        "-n",
-        &ns.name,
-        "chat",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"image":"   "}}"#,
-    ]);
+    patch_wsc(&ns.name, "chat", r#"{"spec":{"image":"   "}}"#);
     wait_until("Ready=False InvalidImage", DEADLINE, || {
         let wsc = get(&ns.name, "wsc/chat")?;
         let ready = condition(&wsc, "Ready")?;
@@ -284,10 +298,8 @@ fn kubectl_scale_moves_the_deployment_and_its_pods() {
     let ns = TestNamespace::new("scale");
     apply(&ns.name, &wscluster("chat", "  replicas: 1\n"));
     wait_ready(&ns.name, "chat");
-    kubectl(&["scale", "wsc", "chat", "-n", &ns.name, "--replicas=3"]);
-    wait_until("3 running pods", DEADLINE, || {
-        (running_pods(&ns.name, "chat").len() == 3).then_some(())
-    });
+    scale_wsc(&ns.name, "chat", 3);
+    wait_running_pods(&ns.name, "chat", 3);
     assert_eq!(deployment_replicas(&ns.name, "chat"), Some(3));
     let wsc = wait_until("status.replicas 3", DEADLINE, || {
         let wsc = get(&ns.name, "wsc/chat")?;
@@ -308,10 +320,8 @@ fn kubectl_scale_moves_the_deployment_and_its_pods() {
         scale["status"]["selector"], wsc["status"]["selector"],
         "{scale}"
     );
-    kubectl(&["scale", "wsc", "chat", "-n", &ns.name, "--replicas=1"]);
-    wait_until("1 running pod", DEADLINE, || {
-        (running_pods(&ns.name, "chat").len() == 1).then_some(())
-    });
+    scale_wsc(&ns.name, "chat", 1);
+    wait_running_pods(&ns.name, "chat", 1);
     audit::assert_nothing_forbidden();
 }
 
@@ -344,10 +354,8 @@ fn with_autoscaling_the_hpa_owns_replicas_and_the_operator_never_fights_it() {
         &ns.name,
         "--replicas=4",
     ]);
-    kubectl(&["scale", "wsc", "chat", "-n", &ns.name, "--replicas=1"]);
-    wait_until("4 running pods", DEADLINE, || {
-        (running_pods(&ns.name, "chat").len() == 4).then_some(())
-    });
+    scale_wsc(&ns.name, "chat", 1);
+    wait_running_pods(&ns.name, "chat", 4);
     nudge(&op, &ns.name, "chat");
     let mark = audit::mark();
     let start = Instant::now();
@@ -409,16 +417,7 @@ fn a_new_image_or_config_rolls_a_new_replica_set_without_unavailability() {
         (r#"{"spec":{"image":"wsgate:two"}}"#, 2),
         (r#"{"spec":{"connectTimeoutMs":3000}}"#, 3),
     ] {
-        kubectl(&[
-            "patch",
-            "wsc",
-            "chat",
-            "-n",
-            &ns.name,
-            "--type=merge",
-            "-p",
-            change,
-        ]);
+        patch_wsc(&ns.name, "chat", change);
         wait_until(
             &format!("{sets} replica sets after {change}"),
             DEADLINE,
@@ -495,16 +494,7 @@ fn drift_is_repaired_within_seconds_and_foreign_fields_survive() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    kubectl(&[
-        "patch",
-        "wsc",
-        "chat",
-        "-n",
-        &ns.name,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"drainTimeoutSeconds":20}}"#,
-    ]);
+    patch_wsc(&ns.name, "chat", r#"{"spec":{"drainTimeoutSeconds":20}}"#);
     wait_until("the new drain window applied", DEADLINE, || {
         let d = get(&ns.name, "deployment/chat")?;
         (d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] != owned).then_some(())
@@ -531,9 +521,7 @@ fn deleting_the_wscluster_garbage_collects_every_child() {
             "  autoscaling:\n    minReplicas: 2\n    maxReplicas: 3\n    targetCPUUtilizationPercentage: 70\n",
         ),
     );
-    wait_until("2 running pods", DEADLINE, || {
-        (running_pods(&ns.name, "chat").len() == 2).then_some(())
-    });
+    wait_running_pods(&ns.name, "chat", 2);
     let children = [
         "deployment/chat",
         "service/chat",
@@ -580,7 +568,7 @@ fn a_second_operator_takes_the_lease_when_the_leader_dies_and_reconciles_what_ch
     assert_eq!(lease_holder().as_deref(), Some("leader-a"));
 
     a.kill();
-    kubectl(&["scale", "wsc", "chat", "-n", &ns.name, "--replicas=3"]);
+    scale_wsc(&ns.name, "chat", 3);
     wait_until("b to take the lease", DEADLINE, || {
         (lease_holder().as_deref() == Some("leader-b")).then_some(())
     });
@@ -693,16 +681,7 @@ fn helm_upgrade_with_a_new_optional_crd_field_keeps_clusters_and_children() {
         "the operator wrote during the upgrade: {writes:?}"
     );
     // The new field is served (not pruned) after the upgrade.
-    kubectl(&[
-        "patch",
-        "wsc",
-        "chat",
-        "-n",
-        &ns.name,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"e2eNote":"kept"}}"#,
-    ]);
+    patch_wsc(&ns.name, "chat", r#"{"spec":{"e2eNote":"kept"}}"#);
     assert_eq!(
         get(&ns.name, "wsc/chat").expect("wsc")["spec"]["e2eNote"],
         "kept"
