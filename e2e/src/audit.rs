@@ -101,3 +101,17 @@ pub fn assert_nothing_forbidden() {
         refused.join("\n")
     );
 }
+
+/// Whether a watch on `resource` started after `mark` (the operator's informer is live).
+#[must_use]
+pub fn watch_started(mark: Mark, resource: &str) -> bool {
+    let text = std::fs::read_to_string(&env().audit_log).unwrap_or_default();
+    text.lines()
+        .skip(mark.0)
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .any(|e| {
+            e["stage"] == "ResponseStarted"
+                && e["verb"] == "watch"
+                && e["objectRef"]["resource"] == resource
+        })
+}

@@ -245,6 +245,16 @@ fn a_wscluster_gets_owned_children_and_pods_on_kwok_nodes_and_becomes_ready() {
 #[test]
 #[ignore = "needs the control plane of `make e2e`"]
 fn the_service_monitor_is_applied_once_its_crd_is_installed() {
+    // Start from a cluster without prometheus-operator's CRDs (another test installs them).
+    install_chart();
+    kubectl(&[
+        "delete",
+        "crd",
+        "servicemonitors.monitoring.coreos.com",
+        "prometheusrules.monitoring.coreos.com",
+        "--ignore-not-found",
+        "--wait=true",
+    ]);
     let op = Operator::start("monitor");
     let ns = TestNamespace::new("monitor");
     apply(
@@ -260,6 +270,52 @@ fn the_service_monitor_is_applied_once_its_crd_is_installed() {
     });
     let wsc = get(&ns.name, "wsc/chat").expect("wsc");
     assert_eq!(owner_uid(&sm), wsc["metadata"]["uid"].as_str());
+    audit::assert_nothing_forbidden();
+}
+
+#[test]
+#[ignore = "needs the control plane of `make e2e`"]
+fn a_deleted_or_edited_service_monitor_is_restored_by_its_watch() {
+    // The operator watches ServiceMonitors when their CRD is served at its start.
+    install_chart();
+    install_monitoring_crds();
+    let mark = audit::mark();
+    let op = Operator::start("monitor-drift");
+    // A CRD that was just installed may answer the first list with 429 while its storage
+    // starts; the watch begins after a retry. Changes before it are not events.
+    wait_until("the operator to watch ServiceMonitors", DEADLINE, || {
+        audit::watch_started(mark, "servicemonitors").then_some(())
+    });
+    let ns = TestNamespace::new("monitor-drift");
+    apply(
+        &ns.name,
+        &wscluster("chat", "  metrics:\n    serviceMonitor: true\n"),
+    );
+    wait_ready(&ns.name, "chat");
+    let old = wait_until("the ServiceMonitor", DEADLINE, || {
+        get(&ns.name, "servicemonitor/chat")
+    })["metadata"]["uid"]
+        .clone();
+    let deadline = Duration::from_secs(30); // far below the 5-minute resync
+    kubectl(&["delete", "servicemonitor", "chat", "-n", &ns.name]);
+    wait_until("the ServiceMonitor recreated", deadline, || {
+        get(&ns.name, "servicemonitor/chat").filter(|s| s["metadata"]["uid"] != old)
+    });
+    kubectl(&[
+        "patch",
+        "servicemonitor",
+        "chat",
+        "-n",
+        &ns.name,
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/endpoints/0/path","value":"/elsewhere"}]"#,
+    ]);
+    wait_until("the ServiceMonitor path restored", deadline, || {
+        let sm = get(&ns.name, "servicemonitor/chat")?;
+        (sm["spec"]["endpoints"][0]["path"] == "/metrics").then_some(())
+    });
+    op.assert_running();
     audit::assert_nothing_forbidden();
 }
 

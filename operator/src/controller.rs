@@ -110,14 +110,23 @@ pub async fn run(
 ) {
     let owned =
         || watcher::Config::default().labels("app.kubernetes.io/managed-by=wsgate-operator");
-    let controller = Controller::new(
+    let monitors = service_monitors_served(&client).await;
+    let mut controller = Controller::new(
         Api::<WsCluster>::all(client.clone()),
         watcher::Config::default(),
     )
     .owns(Api::<Deployment>::all(client.clone()), owned())
     .owns(Api::<Service>::all(client.clone()), owned())
     .owns(Api::<HorizontalPodAutoscaler>::all(client.clone()), owned())
-    .owns(Api::<PodDisruptionBudget>::all(client), owned());
+    .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned());
+    if monitors {
+        // Drift of a ServiceMonitor is repaired on its watch event, like the other children's.
+        // Without prometheus-operator's CRD at start-up there is nothing to watch (a watch
+        // would fail and retry forever); ServiceMonitors are then repaired at the resync.
+        let ar = resources::servicemonitor::api_resource();
+        controller = controller.owns_with(Api::<DynamicObject>::all_with(client, &ar), ar, owned());
+    }
+    info!(service_monitors_watched = monitors, "controller started");
     let store = controller.store();
     let metrics = ctx.metrics.clone();
     controller
@@ -135,6 +144,15 @@ pub async fn run(
             futures::future::ready(())
         })
         .await;
+}
+
+/// Whether the API server serves ServiceMonitors (prometheus-operator's CRD is installed).
+async fn service_monitors_served(client: &Client) -> bool {
+    let ar = resources::servicemonitor::api_resource();
+    match client.list_api_group_resources(&ar.api_version).await {
+        Ok(list) => list.resources.iter().any(|r| r.name == ar.plural),
+        Err(_) => false,
+    }
 }
 
 /// Delay before retrying after `failures` consecutive transient errors: 2 s, 4 s, 8 s … 300 s.

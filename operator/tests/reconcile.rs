@@ -1026,6 +1026,7 @@ async fn the_chart_rbac_grants_exactly_the_permissions_the_operator_uses() {
         ("", "services"),
         ("autoscaling", "horizontalpodautoscalers"),
         ("policy", "poddisruptionbudgets"),
+        ("monitoring.coreos.com", "servicemonitors"),
     ] {
         for verb in ["list", "watch"] {
             used.insert((group.into(), resource.into(), verb.into()));
