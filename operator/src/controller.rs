@@ -300,7 +300,10 @@ async fn reconcile_service_monitor(ctx: &Context, wsc: &WsCluster, id: &Identity
         .filter(|since| since.elapsed() < MONITOR_API_RECHECK);
     let result = match resources::servicemonitor::service_monitor(wsc, id) {
         Some(sm) => match apply(&api, sm).await {
-            Ok(_) => Ok(false),
+            Ok(_) => {
+                absent = None;
+                Ok(false)
+            }
             Err(Error::Kube(kube::Error::Api(status))) if status.code == 404 => {
                 absent = Some(Instant::now());
                 Ok(true)
@@ -321,11 +324,6 @@ async fn reconcile_service_monitor(ctx: &Context, wsc: &WsCluster, id: &Identity
             other => other.map(|()| false),
         },
     };
-    if let Ok(false) = result
-        && resources::servicemonitor::service_monitor(wsc, id).is_some()
-    {
-        absent = None;
-    }
     *ctx.monitor_api_absent
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = absent;
