@@ -342,6 +342,20 @@ impl Operator {
         op
     }
 
+    /// The sum of the samples in its `/metrics` whose series starts with `series`
+    /// (`name` or `name{labels}`).
+    pub fn metric(&self, series: &str) -> f64 {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(&self.http).expect("connect to the operator");
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", self.http).expect("write");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("read");
+        body.lines()
+            .filter(|l| l.starts_with(series))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Panics (with the log's tail) if the process has exited.
     pub fn assert_running(&self) {
         let child = self.child.as_ref().expect("child");
@@ -440,4 +454,35 @@ pub fn running_pods(namespace: &str, name: &str) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// A WsCluster with Redis (so it may have several pods), as YAML.
+pub fn wscluster(name: &str, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: wsgate.io/v1alpha1\nkind: WsCluster\nmetadata:\n  name: {name}\nspec:\n  redis:\n    url: redis://redis.example:6379\n{extra_spec}"
+    )
+}
+
+/// Waits until WsCluster `name` has exactly `count` Running pods.
+pub fn wait_running_pods(ns: &str, name: &str, count: usize) {
+    wait_until(&format!("{count} running pods"), DEADLINE, || {
+        (running_pods(ns, name).len() == count).then_some(())
+    });
+}
+
+/// `kubectl scale wsc` (the scale subresource).
+pub fn scale_wsc(ns: &str, name: &str, replicas: u32) {
+    kubectl(&[
+        "scale",
+        "wsc",
+        name,
+        "-n",
+        ns,
+        &format!("--replicas={replicas}"),
+    ]);
+}
+
+/// A JSON merge patch of a WsCluster.
+pub fn patch_wsc(ns: &str, name: &str, patch: &str) {
+    kubectl(&["patch", "wsc", name, "-n", ns, "--type=merge", "-p", patch]);
 }

@@ -10,40 +10,11 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use wsgate_e2e::{
     DEADLINE, Operator, TestNamespace, apply, audit, chart_dir, condition, env, get, helm,
-    install_chart, kubectl, kubectl_output, kubectl_stdin, running_pods, wait_ready, wait_until,
+    install_chart, kubectl, kubectl_output, kubectl_stdin, patch_wsc, running_pods, scale_wsc,
+    wait_ready, wait_running_pods, wait_until, wscluster,
 };
 
 const NEEDS: &str = "needs the control plane of `make e2e`";
-
-/// A WsCluster with Redis (so it may have several pods), as YAML.
-fn wscluster(name: &str, extra_spec: &str) -> String {
-    format!(
-        "apiVersion: wsgate.io/v1alpha1\nkind: WsCluster\nmetadata:\n  name: {name}\nspec:\n  redis:\n    url: redis://redis.example:6379\n{extra_spec}"
-    )
-}
-
-fn wait_running_pods(ns: &str, name: &str, count: usize) {
-    wait_until(&format!("{count} running pods"), DEADLINE, || {
-        (running_pods(ns, name).len() == count).then_some(())
-    });
-}
-
-/// `kubectl scale wsc` (the scale subresource).
-fn scale_wsc(ns: &str, name: &str, replicas: u32) {
-    kubectl(&[
-        "scale",
-        "wsc",
-        name,
-        "-n",
-        ns,
-        &format!("--replicas={replicas}"),
-    ]);
-}
-
-/// A JSON merge patch of a WsCluster.
-fn patch_wsc(ns: &str, name: &str, patch: &str) {
-    kubectl(&["patch", "wsc", name, "-n", ns, "--type=merge", "-p", patch]);
-}
 
 fn owner_uid(object: &Value) -> Option<&str> {
     object["metadata"]["ownerReferences"]
@@ -59,20 +30,7 @@ fn deployment_replicas(ns: &str, name: &str) -> Option<i64> {
 
 /// The operator's reconcile count for successful reconciles, from its /metrics.
 fn reconciles(op: &Operator) -> f64 {
-    let body = http_get(&op.http, "/metrics");
-    body.lines()
-        .filter(|l| l.starts_with("wsgate_operator_reconcile_total{result=\"success\"}"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
+    op.metric("wsgate_operator_reconcile_total{result=\"success\"}")
 }
 
 /// Makes the operator reconcile `name` once without changing its spec (an annotation change is
@@ -119,7 +77,15 @@ fn chart_installs_the_crd_which_is_established_explained_and_printed() {
     apply(&ns.name, &wscluster("chat", "  replicas: 2\n"));
     let table = kubectl(&["get", "wsc", "-n", &ns.name]);
     let header = table.lines().next().unwrap_or_default();
-    for column in ["NAME", "REPLICAS", "READY", "PREFIX", "STATUS", "AGE"] {
+    for column in [
+        "NAME",
+        "REPLICAS",
+        "READY",
+        "CONNECTIONS",
+        "PREFIX",
+        "STATUS",
+        "AGE",
+    ] {
         assert!(header.contains(column), "no {column} column in:\n{table}");
     }
     assert!(table.contains("chat"), "{table}");

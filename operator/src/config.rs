@@ -14,6 +14,13 @@ pub const DEFAULT_LEASE_NAME: &str = "wsgate-operator";
 /// Seconds a Lease stays valid without renewal.
 pub const DEFAULT_LEASE_DURATION_SECS: u64 = 15;
 
+/// Seconds between two reads of the fleet's metrics.
+pub const DEFAULT_FLEET_POLL_SECS: u64 = 10;
+/// Longest wait for one pod's metrics.
+pub const DEFAULT_FLEET_TIMEOUT_MS: u64 = 2000;
+/// Pods read at once.
+pub const DEFAULT_FLEET_CONCURRENCY: u64 = 16;
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -63,12 +70,35 @@ pub struct Config {
     #[arg(long, env = "WSGATE_OPERATOR_LEASE_DURATION_SECS", default_value_t = DEFAULT_LEASE_DURATION_SECS, value_parser = clap::value_parser!(u64).range(3..=300))]
     pub lease_duration_secs: u64,
 
+    /// Seconds between two reads of the gateway pods' metrics (live status and deletion
+    /// costs); 0 turns the reading off.
+    #[arg(long, env = "WSGATE_OPERATOR_FLEET_POLL_SECS", default_value_t = DEFAULT_FLEET_POLL_SECS, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub fleet_poll_secs: u64,
+
+    /// Longest wait for one pod's metrics, in milliseconds.
+    #[arg(long, env = "WSGATE_OPERATOR_FLEET_TIMEOUT_MS", default_value_t = DEFAULT_FLEET_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub fleet_timeout_ms: u64,
+
+    /// Pods whose metrics are read at once, across all WsClusters.
+    #[arg(long, env = "WSGATE_OPERATOR_FLEET_CONCURRENCY", default_value_t = DEFAULT_FLEET_CONCURRENCY, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub fleet_concurrency: u64,
+
     /// Log format.
     #[arg(long, env = "WSGATE_OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
 }
 
 impl Config {
+    /// How the fleet is read, or `None` when reading is off.
+    #[must_use]
+    pub fn fleet(&self) -> Option<crate::fleet::Settings> {
+        (self.fleet_poll_secs > 0).then(|| crate::fleet::Settings {
+            poll: Duration::from_secs(self.fleet_poll_secs),
+            timeout: Duration::from_millis(self.fleet_timeout_ms),
+            concurrency: usize::try_from(self.fleet_concurrency).unwrap_or(usize::MAX),
+        })
+    }
+
     /// How long a Lease stays valid without renewal.
     #[must_use]
     pub fn lease_duration(&self) -> Duration {
@@ -87,6 +117,10 @@ mod tests {
         assert_eq!(c.http_listen.to_string(), DEFAULT_HTTP_LISTEN);
         assert!(c.leader_election);
         assert_eq!(c.lease_duration(), Duration::from_secs(15));
+        let fleet = c.fleet().expect("fleet reading is on by default");
+        assert_eq!(fleet.poll, Duration::from_secs(10));
+        assert_eq!(fleet.timeout, Duration::from_secs(2));
+        assert_eq!(fleet.concurrency, 16);
     }
 
     #[test]
@@ -107,5 +141,14 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("--lease-duration-secs"), "{err}");
+
+        let off =
+            Config::try_parse_from(["wsgate-operator", "--fleet-poll-secs=0"]).expect("0 parses");
+        assert!(off.fleet().is_none());
+        let err = Config::try_parse_from(["wsgate-operator", "--fleet-concurrency=0"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("--fleet-concurrency"), "{err}");
     }
 }

@@ -106,6 +106,7 @@ impl Context {
 pub async fn run(
     client: Client,
     ctx: Arc<Context>,
+    fleet: Option<crate::fleet::Settings>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let owned =
@@ -124,12 +125,27 @@ pub async fn run(
         // Without prometheus-operator's CRD at start-up there is nothing to watch (a watch
         // would fail and retry forever); ServiceMonitors are then repaired at the resync.
         let ar = resources::servicemonitor::api_resource();
-        controller = controller.owns_with(Api::<DynamicObject>::all_with(client, &ar), ar, owned());
+        controller = controller.owns_with(
+            Api::<DynamicObject>::all_with(client.clone(), &ar),
+            ar,
+            owned(),
+        );
     }
     info!(service_monitors_watched = monitors, "controller started");
     let store = controller.store();
     let metrics = ctx.metrics.clone();
-    controller
+    // The fleet reader shares the controller's WsCluster cache and stops with it; if it ends
+    // early (it cannot start), the controller carries on.
+    let fleet = {
+        let (client, store, metrics) = (client.clone(), store.clone(), metrics.clone());
+        async move {
+            if let Some(settings) = fleet {
+                crate::fleet::run(client, store, settings, metrics).await;
+            }
+            std::future::pending::<()>().await;
+        }
+    };
+    let controller = controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
@@ -142,8 +158,11 @@ pub async fn run(
                 warn!(error = %e, "controller event");
             }
             futures::future::ready(())
-        })
-        .await;
+        });
+    tokio::select! {
+        () = controller => {}
+        () = fleet => {}
+    }
 }
 
 /// Whether the API server serves ServiceMonitors (prometheus-operator's CRD is installed).
@@ -435,7 +454,15 @@ async fn write_status(
     if wsc.status.as_ref() == Some(&desired) {
         return Ok(false);
     }
-    let patch = json!({ "status": desired });
+    let mut fields = serde_json::to_value(&desired).map_err(Error::Serialize)?;
+    // The live figures are the fleet reader's: a status computed from a cached WsCluster must
+    // not put back figures it has since replaced.
+    if let Some(fields) = fields.as_object_mut() {
+        for live in crate::fleet::LIVE_STATUS_FIELDS {
+            fields.remove(*live);
+        }
+    }
+    let patch = json!({ "status": fields });
     api.patch_status(
         &wsc.name_any(),
         &PatchParams::default(),

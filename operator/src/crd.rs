@@ -66,6 +66,12 @@ pub const DEFAULT_SCALE_DOWN_STABILIZATION_SECONDS: i32 = 600;
         description = "Gateway pods ready to take connections"
     ),
     printcolumn(
+        name = "Connections",
+        type_ = "integer",
+        json_path = ".status.connections",
+        description = "Open WebSocket connections across the ready pods (live, from their metrics)"
+    ),
+    printcolumn(
         name = "Prefix",
         type_ = "string",
         json_path = ".status.keyPrefix",
@@ -364,6 +370,45 @@ pub struct WsClusterStatus {
     /// `Ready`, `Progressing` and `Degraded`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+
+    /// Open WebSocket connections across the pods that answered, read from their metrics every
+    /// few seconds. Rewritten only when a figure moves by more than a threshold, so it may lag
+    /// the exact count by a few percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<i64>,
+
+    /// Topics with subscribers on the busiest pod. Pods share topics, so the fleet's distinct
+    /// topics are at least this many; summing the pods' figures would overcount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topics: Option<i64>,
+
+    /// The gateway pods, by name, with their live figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<Vec<PodFigures>>,
+}
+
+/// One gateway pod as the operator last read it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodFigures {
+    /// Pod name.
+    pub name: String,
+
+    /// Whether the pod is ready (and not terminating). Only ready pods are read.
+    pub ready: bool,
+
+    /// Open connections, when the pod answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<i64>,
+
+    /// Topics with subscribers on this pod, when it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topics: Option<i64>,
+
+    /// Why the pod's figures could not be read (timeout, refused, bad answer); absent when they
+    /// were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 fn default_replicas() -> i32 {

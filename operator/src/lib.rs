@@ -8,6 +8,8 @@
 //! - [`validate`]: reconcile-time spec checks that end as `Ready=False`, never a crash loop.
 //! - [`resources`]: pure builders WsCluster → Deployment, Service, HPA, PDB, Secret, ServiceMonitor.
 //! - [`controller`]: context, `reconcile`, error policy, server-side apply of the children.
+//! - [`fleet`]: live figures read from the gateway pods' metrics into the status, and each
+//!   pod's deletion cost, so scale-downs remove the emptiest pods.
 //! - [`status`]: conditions with stable `lastTransitionTime` and the status computed from the
 //!   Deployment.
 //! - [`metrics`]: the operator's own Prometheus metrics (`wsgate_operator_*`).
@@ -19,6 +21,7 @@ pub mod config;
 pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod fleet;
 pub mod http;
 pub mod leader;
 pub mod metrics;

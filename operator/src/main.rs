@@ -88,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
         metrics.clone(),
         reporter,
     ));
-    controller::run(client, ctx, wait_for(stop_rx.clone())).await;
+    controller::run(client, ctx, config.fleet(), wait_for(stop_rx.clone())).await;
 
     metrics.leader.set(0);
     if let Some(elector) = &elector

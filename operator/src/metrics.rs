@@ -12,7 +12,14 @@ pub const METRIC_NAMES: &[&str] = &[
     "wsgate_operator_reconcile_duration_seconds",
     "wsgate_operator_managed_wsclusters",
     "wsgate_operator_leader",
+    "wsgate_operator_fleet_reads_total",
+    "wsgate_operator_fleet_writes_total",
 ];
+
+/// Outcomes of reading one gateway pod: the `result` label values.
+pub const READ_RESULTS: &[&str] = &["ok", "error", "not_ready"];
+/// What the fleet reader writes: the `kind` label values.
+pub const WRITE_KINDS: &[&str] = &["status", "deletion_cost"];
 
 /// Results a reconcile can end with: the `result` label values.
 pub const RESULTS: &[&str] = &[
@@ -35,6 +42,10 @@ pub struct Metrics {
     pub managed: IntGauge,
     /// 1 while this replica holds the leader Lease.
     pub leader: IntGauge,
+    /// Gateway pod metric reads by result.
+    pub fleet_reads: IntCounterVec,
+    /// Live-status and deletion-cost writes.
+    pub fleet_writes: IntCounterVec,
 }
 
 impl Metrics {
@@ -69,12 +80,34 @@ impl Metrics {
             "wsgate_operator_leader",
             "1 while this replica holds the leader Lease.",
         )?;
+        let fleet_reads = IntCounterVec::new(
+            Opts::new(
+                "wsgate_operator_fleet_reads_total",
+                "Reads of gateway pods' metrics for the live status, by result.",
+            ),
+            &["result"],
+        )?;
+        let fleet_writes = IntCounterVec::new(
+            Opts::new(
+                "wsgate_operator_fleet_writes_total",
+                "Writes of live WsCluster status figures and pod deletion costs, by kind.",
+            ),
+            &["kind"],
+        )?;
         registry.register(Box::new(reconcile_total.clone()))?;
+        registry.register(Box::new(fleet_reads.clone()))?;
+        registry.register(Box::new(fleet_writes.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(managed.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         for result in RESULTS {
             reconcile_total.with_label_values(&[*result]);
+        }
+        for result in READ_RESULTS {
+            fleet_reads.with_label_values(&[*result]);
+        }
+        for kind in WRITE_KINDS {
+            fleet_writes.with_label_values(&[*kind]);
         }
         Ok(Self {
             registry,
@@ -82,6 +115,8 @@ impl Metrics {
             reconcile_duration,
             managed,
             leader,
+            fleet_reads,
+            fleet_writes,
         })
     }
 

@@ -50,6 +50,10 @@ pub fn desired_status(wsc: &WsCluster, observed: &Observed<'_>, now: &Time) -> W
         observed_generation: generation,
         key_prefix: observed.key_prefix.clone().or(previous.key_prefix.clone()),
         conditions: previous.conditions.clone(),
+        // The live figures belong to the fleet reader (`crate::fleet`): carried over untouched.
+        connections: previous.connections,
+        topics: previous.topics,
+        pods: previous.pods.clone(),
     };
     let mut set = |type_: &str, value: bool, reason: &str, message: String| {
         set_condition(

@@ -93,7 +93,17 @@ fn crd_has_short_name_scale_and_status_subresources_and_printer_columns() {
         .into_iter()
         .map(|c| c.name)
         .collect();
-    assert_eq!(columns, ["Replicas", "Ready", "Prefix", "Status", "Age"]);
+    assert_eq!(
+        columns,
+        [
+            "Replicas",
+            "Ready",
+            "Connections",
+            "Prefix",
+            "Status",
+            "Age"
+        ]
+    );
 }
 
 #[test]

@@ -1032,6 +1032,11 @@ async fn the_chart_rbac_grants_exactly_the_permissions_the_operator_uses() {
             used.insert((group.into(), resource.into(), verb.into()));
         }
     }
+    // The fleet reader watches the gateway pods and patches their deletion cost; it needs real
+    // pods with real metrics, so e2e/tests/fleet.rs drives it (and checks nothing is forbidden).
+    for verb in ["list", "watch", "patch"] {
+        used.insert((String::new(), "pods".into(), verb.into()));
+    }
     // Needed by admission rather than requested: owner references with blockOwnerDeletion need
     // update on the owner's finalizers; the event recorder patches an event it repeats.
     used.insert((

@@ -1,0 +1,164 @@
+//! The live fleet on the real control plane (`make e2e`): the operator reads real gateway
+//! processes' metrics into the WsCluster status and each pod's deletion cost, and the real
+//! ReplicaSet controller then removes the emptiest pods on scale-down.
+//!
+//! kwok pods run nothing and all sit at 127.0.0.1, so the test plays the kubelet: for each pod
+//! it starts a real gateway on a free loopback port, connects real WebSocket clients to it, and
+//! points the pod's `prometheus.io/port` annotation (where the operator reads) at that gateway.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use wsgate_e2e::{
+    DEADLINE, Operator, TestNamespace, apply, audit, get, install_chart, kubectl, running_pods,
+    scale_wsc, wait_running_pods, wait_until, wscluster,
+};
+use wsgate_tests::{Client, ProcessGateway};
+
+/// A pod's stand-in: a gateway process and its open WebSocket clients.
+struct PodGateway {
+    gateway: ProcessGateway,
+    _clients: Vec<Client>,
+}
+
+async fn serve_pod(ns: &str, pod: &str, connections: usize) -> PodGateway {
+    let gateway = ProcessGateway::spawn(&[]).await;
+    let mut clients = Vec::with_capacity(connections);
+    for i in 0..connections {
+        let mut client = gateway.client().await;
+        client.join(&format!("topic-{}", i % 3)).await;
+        clients.push(client);
+    }
+    gateway
+        .http()
+        .wait_stats("the clients", |s| s["connections"] == connections)
+        .await;
+    kubectl(&[
+        "annotate",
+        "-n",
+        ns,
+        &format!("pod/{pod}"),
+        &format!("prometheus.io/port={}", gateway.addr.port()),
+        "--overwrite",
+    ]);
+    PodGateway {
+        gateway,
+        _clients: clients,
+    }
+}
+
+/// `status.pods` as name → (ready, connections, error).
+fn pod_figures(wsc: &Value) -> BTreeMap<String, (bool, Option<i64>, Option<String>)> {
+    wsc["status"]["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p["name"].as_str()?.to_owned(),
+                (
+                    p["ready"].as_bool()?,
+                    p["connections"].as_i64(),
+                    p["error"].as_str().map(str::to_owned),
+                ),
+            ))
+        })
+        .collect()
+}
+
+fn deletion_cost(ns: &str, pod: &str) -> Option<String> {
+    get(ns, &format!("pod/{pod}"))?["metadata"]["annotations"]
+        ["controller.kubernetes.io/pod-deletion-cost"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the control plane of `make e2e`"]
+async fn live_status_and_deletion_costs_make_scale_down_remove_the_emptiest_pods() {
+    install_chart();
+    let ns = TestNamespace::new("fleet");
+    let op = Operator::start_with("fleet", &["--leader-election=false", "--fleet-poll-secs=1"]);
+    apply(&ns.name, &wscluster("chat", "  replicas: 4\n"));
+    wait_running_pods(&ns.name, "chat", 4);
+    let pods = running_pods(&ns.name, "chat");
+
+    // Four pods with 30, 5, 20 and 10 connections.
+    let wanted: BTreeMap<String, i64> = pods.iter().cloned().zip([30, 5, 20, 10]).collect();
+    let mut gateways = BTreeMap::new();
+    for (pod, connections) in &wanted {
+        let served = serve_pod(&ns.name, pod, usize::try_from(*connections).unwrap()).await;
+        gateways.insert(pod.clone(), served);
+    }
+
+    // The status shows the live figures, per pod and in total, and `kubectl get` prints them.
+    let wsc = wait_until("the live status", DEADLINE, || {
+        let wsc = get(&ns.name, "wsc/chat")?;
+        let figures = pod_figures(&wsc);
+        let exact = wanted
+            .iter()
+            .all(|(pod, c)| figures.get(pod) == Some(&(true, Some(*c), None)));
+        (exact && figures.len() == 4 && wsc["status"]["connections"] == 65).then_some(wsc)
+    });
+    assert_eq!(wsc["status"]["topics"], 3, "{}", wsc["status"]);
+    let table = kubectl(&["get", "wsc", "chat", "-n", &ns.name]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    let column = header
+        .iter()
+        .position(|h| *h == "CONNECTIONS")
+        .expect(&table);
+    assert_eq!(row[column], "65", "{table}");
+
+    // Every pod's deletion cost is its connection count.
+    wait_until("the deletion costs", DEADLINE, || {
+        wanted
+            .iter()
+            .all(|(pod, c)| deletion_cost(&ns.name, pod) == Some(c.to_string()))
+            .then_some(())
+    });
+
+    // A steady fleet costs no writes: over five more reads of all four pods, the operator writes
+    // neither the status nor any pod.
+    let mark = audit::mark();
+    let reads = op.metric("wsgate_operator_fleet_reads_total{result=\"ok\"}");
+    wait_until("five more polls", DEADLINE, || {
+        (op.metric("wsgate_operator_fleet_reads_total{result=\"ok\"}") >= reads + 20.0)
+            .then_some(())
+    });
+    let writes = audit::writes_in(&audit::since(mark), &ns.name);
+    assert!(writes.is_empty(), "a steady fleet was written: {writes:#?}");
+
+    // Scale down by two: the ReplicaSet controller removes the two emptiest pods (5 and 10).
+    scale_wsc(&ns.name, "chat", 2);
+    wait_running_pods(&ns.name, "chat", 2);
+    let mut kept: Vec<String> = wanted
+        .iter()
+        .filter(|(_, c)| **c >= 20)
+        .map(|(p, _)| p.clone())
+        .collect();
+    kept.sort();
+    assert_eq!(running_pods(&ns.name, "chat"), kept);
+    wait_until("the status of the two pods left", DEADLINE, || {
+        let wsc = get(&ns.name, "wsc/chat")?;
+        (pod_figures(&wsc).len() == 2 && wsc["status"]["connections"] == 50).then_some(())
+    });
+
+    // A pod that stops answering is marked, and the total counts the pods that answer.
+    let silent = kept[0].clone();
+    let survivor = kept[1].clone();
+    drop(gateways.remove(&silent));
+    let wsc = wait_until("the silent pod marked", DEADLINE, || {
+        let wsc = get(&ns.name, "wsc/chat")?;
+        let figures = pod_figures(&wsc);
+        let (ready, connections, error) = figures.get(&silent)?.clone();
+        (ready && connections.is_none() && error.is_some()).then_some(wsc)
+    });
+    assert_eq!(
+        wsc["status"]["connections"], wanted[&survivor],
+        "{}",
+        wsc["status"]
+    );
+    assert!(gateways[&survivor].gateway.pid > 0);
+    audit::assert_nothing_forbidden();
+}
