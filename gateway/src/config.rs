@@ -107,6 +107,19 @@ pub struct Config {
     #[arg(long, env = "WSGATE_DRAIN_TIMEOUT_SECS", default_value_t = DEFAULT_DRAIN_TIMEOUT_SECS, value_name = "SECS")]
     pub drain_timeout_secs: u64,
 
+    /// On SIGTERM: close at most this many connections per second, starting at once, so that
+    /// their clients' reconnects reach the rest of the fleet at a paced rate (0: close them
+    /// spread over the middle third of the drain window instead). When the drain window is too
+    /// short for the rate, the window wins: the rest are closed faster so that every client
+    /// gets its close frame before the gateway exits.
+    #[arg(
+        long,
+        env = "WSGATE_DRAIN_RATE",
+        default_value_t = 0,
+        value_name = "PER_SEC"
+    )]
+    pub drain_rate: u32,
+
     /// Most simultaneous WebSocket connections (0: unlimited).
     #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_name = "N")]
     pub max_connections: usize,
@@ -240,6 +253,12 @@ impl Config {
                 "must be at most 3600",
             ));
         }
+        if self.drain_rate > 1_000_000 {
+            return Err(invalid(
+                "--drain-rate (WSGATE_DRAIN_RATE)",
+                "must be at most 1000000",
+            ));
+        }
         if !(16..=64 * 1024 * 1024).contains(&self.max_frame_bytes) {
             return Err(invalid(
                 "--max-frame-bytes (WSGATE_MAX_FRAME_BYTES)",
@@ -358,6 +377,8 @@ mod tests {
             ),
             (&["--api-key", "short"], "--api-key"),
             (&["--max-frame-bytes", "1"], "--max-frame-bytes"),
+            (&["--drain-rate", "2000000"], "--drain-rate"),
+            (&["--drain-rate=-1"], "--drain-rate"),
             (
                 &["--max-topics-per-connection", "0"],
                 "--max-topics-per-connection",

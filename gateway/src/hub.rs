@@ -536,6 +536,61 @@ impl Hub {
         }
     }
 
+    /// Closes every connection with 1001 at no more than `per_second`, starting at once, unless
+    /// that would not finish by `finish_by`: then faster, just enough to finish by then.
+    /// Connections that close by themselves meanwhile do not use up the rate. Returns when every
+    /// close has been queued.
+    pub async fn close_all_paced(&self, per_second: u32, finish_by: tokio::time::Instant) {
+        const TICK: Duration = Duration::from_millis(10);
+        let conns = self.all_connections();
+        let mut next = conns.iter();
+        let mut left = conns.len();
+        // Closes earned but not yet made; one may go at once.
+        let mut allowance = 1.0_f64;
+        let mut last = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned = false;
+        while left > 0 {
+            let now = tokio::time::Instant::now();
+            let time_left = finish_by.saturating_duration_since(now).as_secs_f64();
+            let needed = if time_left > 0.0 {
+                left as f64 / time_left
+            } else {
+                f64::INFINITY
+            };
+            if needed > f64::from(per_second) && !warned {
+                warned = true;
+                tracing::warn!(
+                    left,
+                    per_second,
+                    "the drain window is too short for --drain-rate: closing faster"
+                );
+            }
+            let rate = needed.max(f64::from(per_second));
+            allowance += rate * now.duration_since(last).as_secs_f64();
+            last = now;
+            while allowance >= 1.0 && left > 0 {
+                let Some(conn) = next.next() else {
+                    left = 0;
+                    break;
+                };
+                left -= 1;
+                if conn.outbox.close(
+                    frame::close_code::GOING_AWAY,
+                    "server shutting down",
+                    CloseReason::Shutdown,
+                    false,
+                ) {
+                    allowance -= 1.0;
+                }
+            }
+            if left > 0 {
+                tick.tick().await;
+            }
+        }
+    }
+
     /// Closes one connection (a backend asked for it).
     pub fn disconnect(&self, id: SocketId) -> bool {
         match self.connection(id) {

@@ -299,8 +299,9 @@ impl Gateway {
     }
 
     /// Drains and stops: readiness fails and upgrades are refused at once; after a third of
-    /// the drain window, connections are closed with 1001 spread over the next third; returns
-    /// when all are closed or the window has passed, after stopping the broker.
+    /// the drain window, connections are closed with 1001 spread over the next third — or, with
+    /// a drain rate, at that rate from the start; returns when all are closed or the window has
+    /// passed, after stopping the broker.
     pub async fn shutdown(&self) {
         let window = self.config.drain_timeout();
         let deadline = tokio::time::Instant::now() + window;
@@ -317,8 +318,18 @@ impl Gateway {
         };
         let drain = async {
             if self.hub.connection_count() > 0 {
-                tokio::time::sleep(window / 3).await;
-                self.hub.close_all_spread(window / 3).await;
+                match self.config.drain_rate {
+                    0 => {
+                        tokio::time::sleep(window / 3).await;
+                        self.hub.close_all_spread(window / 3).await;
+                    }
+                    // Paced: the last close leaves a tenth of the window (at most 2 s) for
+                    // the close handshakes.
+                    rate => {
+                        let margin = (window / 10).min(Duration::from_secs(2));
+                        self.hub.close_all_paced(rate, deadline - margin).await;
+                    }
+                }
             }
             all_closed.await;
         };

@@ -155,6 +155,50 @@ async fn sigterm_flips_readiness_closes_clients_with_1001_and_exits_within_the_g
     assert!(status.success(), "{status:?}");
 }
 
+/// SIGTERMs a gateway started with `args` and holding `clients` connections; returns how long
+/// it took until every client had its 1001 close frame, after checking the process exited
+/// cleanly.
+async fn drain(args: &[&str], clients: usize) -> Duration {
+    let mut gw = ProcessGateway::spawn_bin(env!("CARGO_BIN_EXE_wsgate"), args).await;
+    let mut held = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        held.push(gw.client().await);
+    }
+    gw.http()
+        .wait_stats("the clients", |s| s["connections"] == clients)
+        .await;
+    let start = tokio::time::Instant::now();
+    gw.signal("-TERM");
+    for c in &mut held {
+        match c.next().await {
+            Received::Close(Some(1001), _) => {}
+            other => panic!("expected a 1001 close, got {other:?}"),
+        }
+    }
+    let took = start.elapsed();
+    let status = tokio::time::timeout(DEADLINE, gw.child.wait())
+        .await
+        .expect("wsgate did not exit after its drain")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_rate_paces_the_closes_and_a_short_window_still_closes_everyone_cleanly() {
+    // 60 clients at 20 closes/s: the 60th close cannot be sent before 59/20 s after SIGTERM
+    // (a lower bound the pacing guarantees, whatever the machine's speed).
+    let took = drain(&["--drain-timeout-secs", "60", "--drain-rate", "20"], 60).await;
+    assert!(
+        took >= Duration::from_millis(2950),
+        "paced drain took {took:?}"
+    );
+
+    // At 1 close/s, 60 clients do not fit in a 3 s window: the window wins, and every client
+    // still gets its close frame before the process exits.
+    drain(&["--drain-timeout-secs", "3", "--drain-rate", "1"], 60).await;
+}
+
 #[tokio::test]
 async fn invalid_configuration_fails_at_start_with_one_line_naming_the_setting() {
     for (args, env, setting) in [
