@@ -162,3 +162,76 @@ async fn live_status_and_deletion_costs_make_scale_down_remove_the_emptiest_pods
     assert!(gateways[&survivor].gateway.pid > 0);
     audit::assert_nothing_forbidden();
 }
+
+#[test]
+#[ignore = "needs the control plane of `make e2e`"]
+fn a_paced_scale_down_removes_one_pod_per_drain_step() {
+    install_chart();
+    let ns = TestNamespace::new("paced");
+    let _op = Operator::start("paced");
+    // A step is the 5 s preStop pause plus the 3 s drain window.
+    let step = 8;
+    apply(
+        &ns.name,
+        &wscluster(
+            "chat",
+            "  replicas: 3\n  drainTimeoutSeconds: 3\n  drain:\n    maxReconnectsPerSecond: 200\n",
+        ),
+    );
+    wait_running_pods(&ns.name, "chat", 3);
+    let deployment = get(&ns.name, "deployment/chat").expect("deployment");
+    assert_eq!(deployment["spec"]["minReadySeconds"], step);
+    assert_eq!(
+        deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"],
+        1
+    );
+    let env = &deployment["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["name"] == "WSGATE_DRAIN_RATE" && e["value"] == "200"),
+        "{env}"
+    );
+
+    // 3 → 1: the Deployment goes 3, 2, 1 — never straight to 1 — with a step between the two.
+    scale_wsc(&ns.name, "chat", 1);
+    let mut seen = vec![3];
+    let mut stamps = Vec::new();
+    wait_until("the paced scale-down to finish", DEADLINE, || {
+        let d = get(&ns.name, "deployment/chat")?;
+        let replicas = d["spec"]["replicas"].as_i64()?;
+        if seen.last() != Some(&replicas) {
+            seen.push(replicas);
+            stamps.push(
+                d["metadata"]["annotations"]["wsgate.io/scale-down-step-at"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+        (replicas == 1).then_some(())
+    });
+    assert_eq!(seen, [3, 2, 1]);
+    let at = |s: &str| {
+        let out = epoch_seconds(s);
+        out.parse::<i64>()
+            .unwrap_or_else(|_| panic!("step time {s:?}"))
+    };
+    let gap = at(&stamps[1]) - at(&stamps[0]);
+    assert!(
+        gap >= step,
+        "steps {stamps:?} are {gap} s apart, less than {step} s"
+    );
+    wait_running_pods(&ns.name, "chat", 1);
+    audit::assert_nothing_forbidden();
+}
+
+/// Seconds since the epoch of an RFC 3339 time.
+fn epoch_seconds(rfc3339: &str) -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", rfc3339, "+%s"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

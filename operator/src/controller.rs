@@ -194,15 +194,15 @@ pub async fn reconcile(wsc: Arc<WsCluster>, ctx: Arc<Context>) -> Result<Action>
     let started = Instant::now();
     let outcome = reconcile_inner(&wsc, &ctx).await;
     let result = match &outcome {
-        Ok(Outcome::Applied) => "success",
+        Ok(Outcome::Applied(_)) => "success",
         Ok(Outcome::InvalidSpec) => "invalid_spec",
         Err(e) => e.metric_reason(),
     };
     ctx.metrics.observe(result, started.elapsed().as_secs_f64());
     match outcome {
-        Ok(Outcome::Applied) => {
+        Ok(Outcome::Applied(next_step)) => {
             ctx.clear_failures(&key_of(&wsc));
-            Ok(Action::requeue(RESYNC))
+            Ok(Action::requeue(next_step.map_or(RESYNC, |d| d.min(RESYNC))))
         }
         Ok(Outcome::InvalidSpec) => {
             ctx.clear_failures(&key_of(&wsc));
@@ -227,7 +227,8 @@ pub fn error_policy(wsc: Arc<WsCluster>, error: &Error, ctx: Arc<Context>) -> Ac
 }
 
 enum Outcome {
-    Applied,
+    /// Applied; with a paced scale-down under way, when its next step is due.
+    Applied(Option<Duration>),
     InvalidSpec,
 }
 
@@ -277,7 +278,8 @@ async fn reconcile_inner(wsc: &WsCluster, ctx: &Context) -> Result<Outcome> {
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
     apply(&services, resources::service::service(wsc, &id)).await?;
 
-    let desired_deployment = resources::deployment::deployment(wsc, &id, &ctx.defaults);
+    let mut desired_deployment = resources::deployment::deployment(wsc, &id, &ctx.defaults);
+    let paced = pace_scale_down(wsc, &deployments, &id.name, &mut desired_deployment).await?;
     if wsc.spec.autoscaling.is_some() {
         hand_replicas_to_hpa(&deployments, &id.name).await?;
     }
@@ -305,7 +307,108 @@ async fn reconcile_inner(wsc: &WsCluster, ctx: &Context) -> Result<Outcome> {
         selector: Some(names::selector_string(&id.name)),
     };
     write_status(&wscs, wsc, &observed).await?;
-    Ok(Outcome::Applied)
+    Ok(Outcome::Applied(paced.wait))
+}
+
+/// Annotation on the gateway Deployment: when the operator last removed a pod in a paced
+/// scale-down (RFC 3339).
+pub const SCALE_DOWN_STEP_ANNOTATION: &str = "wsgate.io/scale-down-step-at";
+
+/// What a paced scale-down applies now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paced {
+    /// Deployment replicas to apply.
+    pub replicas: i32,
+    /// The step time to keep on the Deployment.
+    pub stamp: Option<Timestamp>,
+    /// When to look again (a step is still to come).
+    pub wait: Option<Duration>,
+}
+
+/// With paced draining, a scale-down removes one pod per `step`: from `live` Deployment replicas
+/// towards `wanted`, the last pod having been removed at `last_step`. Scale-ups apply at once.
+#[must_use]
+pub fn paced_replicas(
+    wanted: i32,
+    live: Option<i32>,
+    last_step: Option<Timestamp>,
+    step: Duration,
+    now: Timestamp,
+) -> Paced {
+    let Some(live) = live.filter(|live| wanted < *live) else {
+        return Paced {
+            replicas: wanted,
+            stamp: last_step,
+            wait: None,
+        };
+    };
+    let elapsed = last_step
+        .and_then(|at| Duration::try_from(now.duration_since(at)).ok())
+        .unwrap_or(Duration::MAX);
+    if elapsed >= step {
+        let replicas = live - 1;
+        Paced {
+            replicas,
+            stamp: Some(now),
+            wait: (replicas > wanted).then_some(step),
+        }
+    } else {
+        Paced {
+            replicas: live,
+            stamp: last_step,
+            wait: Some(step - elapsed),
+        }
+    }
+}
+
+/// Sets the replicas (and the step annotation) of `desired` for a paced scale-down, when the
+/// WsCluster drains at a paced rate and no HPA owns the count (the HPA's own scale-down policy
+/// paces it then).
+async fn pace_scale_down(
+    wsc: &WsCluster,
+    deployments: &Api<Deployment>,
+    name: &str,
+    desired: &mut Deployment,
+) -> Result<Paced> {
+    let Some(step) = resources::drain_step_seconds(wsc)
+        .filter(|_| wsc.spec.autoscaling.is_none())
+        .and_then(|s| u64::try_from(s).ok())
+    else {
+        return Ok(Paced {
+            replicas: wsc.spec.replicas,
+            stamp: None,
+            wait: None,
+        });
+    };
+    let live = deployments.get_opt(name).await?;
+    let live_replicas = live.as_ref().and_then(|d| d.spec.as_ref()?.replicas);
+    let last_step = live.as_ref().and_then(|d| {
+        d.annotations()
+            .get(SCALE_DOWN_STEP_ANNOTATION)?
+            .parse()
+            .ok()
+    });
+    let paced = paced_replicas(
+        wsc.spec.replicas,
+        live_replicas,
+        last_step,
+        Duration::from_secs(step),
+        Timestamp::now(),
+    );
+    if let Some(spec) = desired.spec.as_mut() {
+        spec.replicas = Some(paced.replicas);
+    }
+    if let Some(stamp) = paced.stamp {
+        desired
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(SCALE_DOWN_STEP_ANNOTATION.into(), stamp.to_string());
+    }
+    if paced.replicas != wsc.spec.replicas {
+        info!(wscluster = %key_of(wsc), replicas = paced.replicas, wanted = wsc.spec.replicas, "paced scale-down");
+    }
+    Ok(paced)
 }
 
 /// Applies or removes the ServiceMonitor. Returns whether one was wanted but its CRD is missing.
@@ -590,6 +693,44 @@ mod tests {
         assert_eq!(quantity("-"), None);
         assert_eq!(quantity("12Xi"), None);
         assert_eq!(quantity("2Ki"), Some(2048.0));
+    }
+
+    #[test]
+    fn paced_scale_down_removes_one_pod_per_step_and_scale_up_is_immediate() {
+        let step = Duration::from_secs(35);
+        let t0: Timestamp = "2026-12-02T10:00:00Z".parse().expect("time");
+        let later = |secs: i64| t0 + jiff_secs(secs);
+
+        // 5 → 2: the first pod goes at once, the next after a step.
+        let first = paced_replicas(2, Some(5), None, step, t0);
+        assert_eq!(
+            (first.replicas, first.stamp, first.wait),
+            (4, Some(t0), Some(step))
+        );
+        let early = paced_replicas(2, Some(4), first.stamp, step, later(10));
+        assert_eq!((early.replicas, early.stamp), (4, Some(t0)));
+        assert_eq!(early.wait, Some(Duration::from_secs(25)));
+        let second = paced_replicas(2, Some(4), first.stamp, step, later(35));
+        assert_eq!((second.replicas, second.wait), (3, Some(step)));
+        let last = paced_replicas(2, Some(3), second.stamp, step, later(70));
+        assert_eq!(
+            (last.replicas, last.wait),
+            (2, None),
+            "no step left: nothing to wait for"
+        );
+
+        // Up, equal, or a new Deployment: applied at once, the stamp kept.
+        for live in [None, Some(2), Some(1)] {
+            let now = paced_replicas(2, live, Some(t0), step, later(1));
+            assert_eq!((now.replicas, now.stamp, now.wait), (2, Some(t0), None));
+        }
+        // A stamp in the future (another clock, skewed) cannot block the scale-down forever.
+        let skewed = paced_replicas(1, Some(3), Some(later(3600)), step, t0);
+        assert_eq!(skewed.replicas, 2);
+    }
+
+    fn jiff_secs(secs: i64) -> k8s_openapi::jiff::SignedDuration {
+        k8s_openapi::jiff::SignedDuration::from_secs(secs)
     }
 
     #[test]

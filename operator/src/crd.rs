@@ -144,6 +144,12 @@ pub struct WsClusterSpec {
     #[schemars(range(min = 0, max = 3600))]
     pub drain_timeout_seconds: u32,
 
+    /// Paced draining: how fast the clients of pods being removed (scale-down, rollouts) may
+    /// come back to the rest of the fleet. Unset: each removed pod closes its connections over
+    /// a third of `drainTimeoutSeconds`, and pods drain side by side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainSpec>,
+
     /// Let a HorizontalPodAutoscaler (autoscaling/v2) size the cluster. Remove it to go back to
     /// `replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -264,6 +270,20 @@ pub struct SecretKeyRef {
     /// Key inside the Secret.
     #[schemars(length(min = 1, max = 253))]
     pub key: String,
+}
+
+/// Paced draining settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainSpec {
+    /// Most reconnects per second the fleet should take from pods being removed. One pod
+    /// drains at a time and closes its connections at this rate: rollouts replace one pod at a
+    /// time and scale-downs remove one pod at a time, each waiting `drainTimeoutSeconds` plus
+    /// the 5 s preStop pause before the next. Make `drainTimeoutSeconds` long enough for a
+    /// pod's connections at this rate (a pod that cannot finish in time closes the rest faster
+    /// at the end of the window, so that every client still gets its close frame).
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_reconnects_per_second: u32,
 }
 
 /// HorizontalPodAutoscaler settings. At least one target must be set.
@@ -442,6 +462,7 @@ impl Default for WsClusterSpec {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             api_key_secret_ref: None,
             drain_timeout_seconds: DEFAULT_DRAIN_TIMEOUT_SECONDS,
+            drain: None,
             autoscaling: None,
             pod_disruption_budget: PodDisruptionBudgetSpec::default(),
             metrics: MetricsSpec::default(),

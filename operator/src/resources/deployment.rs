@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
     Defaults, HTTP_PORT, Identity, METRICS_PORT, PRE_STOP_SLEEP_SECONDS, TERMINATION_SLACK_SECONDS,
-    effective_key_prefix,
+    drain_step_seconds, effective_key_prefix,
 };
 use crate::crd::{SecretKeyRef, WsCluster};
 use crate::names::{self, API_KEY_SECRET_KEY};
@@ -39,11 +39,24 @@ pub fn deployment(wsc: &WsCluster, id: &Identity, defaults: &Defaults) -> Deploy
     annotations.insert("prometheus.io/path".into(), "/metrics".into());
 
     let drain = i64::from(spec.drain_timeout_seconds);
+    // Paced draining replaces one pod at a time, and a new pod counts as available only a
+    // drain step after it is ready: the next old pod is removed once the previous one has
+    // drained. The progress deadline must outlast a step.
+    let step = drain_step_seconds(wsc);
+    let max_surge = if step.is_some() {
+        IntOrString::Int(1)
+    } else {
+        IntOrString::String("25%".into())
+    };
+    let min_ready_seconds = step.and_then(|s| i32::try_from(s).ok());
+    let progress_deadline_seconds = step.and_then(|s| i32::try_from((2 * s + 60).max(600)).ok());
     Deployment {
         metadata: id.child_meta(&id.name),
         spec: Some(DeploymentSpec {
             replicas,
             revision_history_limit: Some(5),
+            min_ready_seconds,
+            progress_deadline_seconds,
             selector: LabelSelector {
                 match_labels: Some(selector.clone()),
                 ..Default::default()
@@ -53,7 +66,7 @@ pub fn deployment(wsc: &WsCluster, id: &Identity, defaults: &Defaults) -> Deploy
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDeployment {
-                    max_surge: Some(IntOrString::String("25%".into())),
+                    max_surge: Some(max_surge),
                     max_unavailable: Some(IntOrString::Int(0)),
                 }),
             }),
@@ -168,6 +181,12 @@ fn env(wsc: &WsCluster, id: &Identity) -> Vec<EnvVar> {
         ),
         plain("WSGATE_LOG_FORMAT", "json".into()),
     ];
+    if let Some(drain) = &spec.drain {
+        env.push(plain(
+            "WSGATE_DRAIN_RATE",
+            drain.max_reconnects_per_second.to_string(),
+        ));
+    }
     if let Some(redis) = &spec.redis {
         if let Some(secret) = &redis.url_secret_ref {
             env.push(from_secret("WSGATE_REDIS_URL", secret));
@@ -607,5 +626,44 @@ mod tests {
             .and_then(|s| s.rolling_update)
             .expect("ru");
         assert_eq!(ru.max_unavailable, Some(IntOrString::Int(0)));
+        assert_eq!(ru.max_surge, Some(IntOrString::String("25%".into())));
+    }
+
+    #[test]
+    fn paced_draining_sets_the_rate_and_replaces_one_pod_per_drain_step() {
+        let d = build(WsClusterSpec {
+            drain_timeout_seconds: 120,
+            drain: Some(crate::crd::DrainSpec {
+                max_reconnects_per_second: 500,
+            }),
+            ..Default::default()
+        });
+        let spec = d.spec.expect("spec");
+        let pod = spec.template.spec.clone().expect("pod spec");
+        let env = pod.containers[0].env.clone().unwrap_or_default();
+        let rate = env.iter().find(|e| e.name == "WSGATE_DRAIN_RATE");
+        assert_eq!(rate.and_then(|e| e.value.as_deref()), Some("500"));
+        let ru = spec
+            .strategy
+            .and_then(|s| s.rolling_update)
+            .expect("rolling update");
+        assert_eq!(ru.max_surge, Some(IntOrString::Int(1)));
+        assert_eq!(ru.max_unavailable, Some(IntOrString::Int(0)));
+        // A new pod counts as available one step (preStop + drain window) after it is ready, so
+        // the next old pod goes only once the previous one has drained.
+        assert_eq!(spec.min_ready_seconds, Some(125));
+        assert_eq!(spec.progress_deadline_seconds, Some(600));
+        assert_eq!(pod.termination_grace_period_seconds, Some(5 + 120 + 10));
+
+        let unpaced = build(WsClusterSpec::default()).spec.expect("spec");
+        assert_eq!(unpaced.min_ready_seconds, None);
+        let env = unpaced.template.spec.expect("pod").containers[0]
+            .env
+            .clone();
+        assert!(
+            !env.unwrap_or_default()
+                .iter()
+                .any(|e| e.name == "WSGATE_DRAIN_RATE")
+        );
     }
 }

@@ -21,6 +21,9 @@ pub const CONNECTIONS_METRIC: &str = "wsgate_connections";
 #[must_use]
 pub fn hpa(wsc: &WsCluster, id: &Identity) -> Option<HorizontalPodAutoscaler> {
     let auto = wsc.spec.autoscaling.as_ref()?;
+    let scale_down_period = super::drain_step_seconds(wsc)
+        .and_then(|s| i32::try_from(s).ok())
+        .map_or(60, |s| s.clamp(60, 1800));
     let mut metrics = Vec::new();
     if let Some(cpu) = auto.target_cpu_utilization_percentage {
         metrics.push(MetricSpec {
@@ -65,15 +68,16 @@ pub fn hpa(wsc: &WsCluster, id: &Identity) -> Option<HorizontalPodAutoscaler> {
             max_replicas: auto.max_replicas,
             metrics: Some(metrics),
             behavior: Some(HorizontalPodAutoscalerBehavior {
-                // Scale down slowly, one pod a minute after a long stabilisation window: every
-                // removed pod disconnects its clients, who then reconnect to the others.
+                // Scale down slowly, one pod a minute (with paced draining, one per drain step,
+                // at most the 30 minutes the API allows) after a long stabilisation window:
+                // every removed pod disconnects its clients, who then reconnect to the others.
                 scale_down: Some(HPAScalingRules {
                     stabilization_window_seconds: Some(auto.scale_down_stabilization_seconds),
                     select_policy: Some("Min".into()),
                     policies: Some(vec![HPAScalingPolicy {
                         type_: "Pods".into(),
                         value: 1,
-                        period_seconds: 60,
+                        period_seconds: scale_down_period,
                     }]),
                     ..HPAScalingRules::default()
                 }),
@@ -184,5 +188,24 @@ mod tests {
         let policies = down.policies.unwrap_or_default();
         assert_eq!(policies.len(), 1);
         assert_eq!((policies[0].type_.as_str(), policies[0].value), ("Pods", 1));
+        assert_eq!(policies[0].period_seconds, 60);
+    }
+
+    #[test]
+    fn paced_draining_removes_one_pod_per_drain_step_within_the_api_limit() {
+        let period = |drain_timeout_seconds: u32| {
+            let mut wsc = autoscaled(Some(70), None);
+            wsc.spec.drain = Some(crate::crd::DrainSpec {
+                max_reconnects_per_second: 500,
+            });
+            wsc.spec.drain_timeout_seconds = drain_timeout_seconds;
+            let down = hpa(&wsc, &id(&wsc))
+                .and_then(|h| h.spec.behavior?.scale_down)
+                .expect("scale down rules");
+            down.policies.unwrap_or_default()[0].period_seconds
+        };
+        assert_eq!(period(120), 125, "preStop 5 s + the drain window");
+        assert_eq!(period(10), 60, "never faster than without pacing");
+        assert_eq!(period(3600), 1800, "the API's longest period");
     }
 }

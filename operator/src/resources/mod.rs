@@ -27,6 +27,17 @@ pub const PRE_STOP_SLEEP_SECONDS: i64 = 5;
 /// Slack between the end of the drain window and the kubelet's SIGKILL.
 pub const TERMINATION_SLACK_SECONDS: i64 = 10;
 
+/// With paced draining, the seconds between two pods leaving the fleet: the preStop pause plus
+/// the drain window, so that one pod has finished draining before the next starts. `None`
+/// without `spec.drain`.
+#[must_use]
+pub fn drain_step_seconds(wsc: &WsCluster) -> Option<i64> {
+    wsc.spec
+        .drain
+        .as_ref()
+        .map(|_| PRE_STOP_SLEEP_SECONDS + i64::from(wsc.spec.drain_timeout_seconds))
+}
+
 /// Operator-wide settings the builders need.
 #[derive(Debug, Clone)]
 pub struct Defaults {
