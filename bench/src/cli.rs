@@ -50,6 +50,16 @@ pub enum Scenario {
         #[command(flatten)]
         load: ConnectArgs,
     },
+    /// N connections on the first replica behaving like the seed's browser client (reconnect
+    /// 0.5-1 s after a close, to another replica); SIGTERM to the first replica: the peak
+    /// reconnect rate the others take. Needs --spawn 2 or more; pass the drain settings with
+    /// --gateway-arg (e.g. --gateway-arg=--drain-rate=500).
+    Drain {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        load: DrainArgs,
+    },
     /// No gateway: K sender threads write each message to C loopback WebSocket connections with
     /// one plain write() per delivery, at R msg/s; their CPU per delivery is this machine's
     /// kernel floor for any server that writes once per delivery.
@@ -204,6 +214,16 @@ pub struct IdleArgs {
 pub struct ConnectArgs {
     /// Connections to open.
     #[arg(short = 'n', long, default_value_t = 5000)]
+    pub connections: usize,
+    /// Topics (default: one per connection); connection i joins topic i mod T.
+    #[arg(long)]
+    pub topics: Option<usize>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DrainArgs {
+    /// Connections on the replica that drains.
+    #[arg(short = 'n', long, default_value_t = 10_000)]
     pub connections: usize,
     /// Topics (default: one per connection); connection i joins topic i mod T.
     #[arg(long)]

@@ -19,6 +19,7 @@ mod cli;
 mod client;
 mod connect;
 mod deployment;
+mod drain;
 mod fanout;
 mod floor;
 mod idle;
@@ -93,7 +94,8 @@ fn common(s: &Scenario) -> Option<&Common> {
         Scenario::Fanout { common, .. }
         | Scenario::Search { common, .. }
         | Scenario::Idle { common, .. }
-        | Scenario::Connect { common, .. } => Some(common),
+        | Scenario::Connect { common, .. }
+        | Scenario::Drain { common, .. } => Some(common),
         Scenario::Floor { .. } | Scenario::Hold { .. } => None,
     }
 }
@@ -105,6 +107,8 @@ fn connections_needed(s: &Scenario) -> usize {
         Scenario::Search { load, .. } => load.subscribers + load.shape.publishers.unwrap_or(64),
         Scenario::Idle { load, .. } => load.connections,
         Scenario::Connect { load, .. } => load.connections,
+        // The old connections are dropped before their clients reconnect.
+        Scenario::Drain { load, .. } => load.connections + load.connections / 8,
         // Both ends of every connection are in this process.
         Scenario::Floor { load } => load.connections * 2,
         Scenario::Hold { load } => load.to.saturating_sub(load.from),
@@ -165,6 +169,11 @@ async fn run(cli: Cli, nofile: u64) -> Result<()> {
                 .map(drop),
             Scenario::Connect { load, .. } => {
                 connect::connect(&dep, load, (concurrency, per_process), out)
+                    .await
+                    .map(drop)
+            }
+            Scenario::Drain { load, .. } => {
+                drain::drain(&dep, load, &common.gateway_args, concurrency, out)
                     .await
                     .map(drop)
             }
