@@ -8,7 +8,7 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::{WsCluster, WsClusterStatus};
+use crate::crd::{PodFigures, WsCluster, WsClusterStatus};
 use crate::validate::InvalidSpec;
 
 /// Condition: the cluster serves traffic with the desired number of ready pods.
@@ -181,6 +181,8 @@ pub fn desired_status(wsc: &WsCluster, observed: &Observed<'_>, now: &Time) -> W
              CRD is not installed"
                 .into(),
         );
+    } else if let Some(message) = drain_too_short(wsc, previous.pods.as_deref()) {
+        set(DEGRADED, true, "DrainWindowTooShort", message);
     } else if rolled_out && ready < desired {
         set(
             DEGRADED,
@@ -192,6 +194,25 @@ pub fn desired_status(wsc: &WsCluster, observed: &Observed<'_>, now: &Time) -> W
         set(DEGRADED, false, "AsExpected", "no problem detected".into());
     }
     status
+}
+
+/// With paced draining: whether the busiest pod (by the live figures) holds more connections
+/// than the drain rate can close within the drain window, less the gateway's margin for the
+/// close handshakes (a tenth of the window, at most 2 s). The message names no live figure, so
+/// it does not change, and cause writes, as the figures move.
+fn drain_too_short(wsc: &WsCluster, pods: Option<&[PodFigures]>) -> Option<String> {
+    let rate = wsc.spec.drain.as_ref()?.max_reconnects_per_second;
+    let window = f64::from(wsc.spec.drain_timeout_seconds);
+    let usable = window - (window / 10.0).min(2.0);
+    let busiest = pods?.iter().filter_map(|p| p.connections).max()?;
+    #[allow(clippy::cast_precision_loss)]
+    let needed = busiest as f64 / f64::from(rate);
+    (needed > usable).then(|| {
+        format!(
+            "a pod holds more connections (see status.pods) than drain.maxReconnectsPerSecond              ({rate}/s) can close within drainTimeoutSeconds ({} s): its last clients would be              closed faster than the budget; raise either",
+            wsc.spec.drain_timeout_seconds
+        )
+    })
 }
 
 /// Sets one condition, keeping `lastTransitionTime` unless the status changes.
@@ -337,6 +358,54 @@ mod tests {
             condition(&s, DEGRADED).map(|c| c.status.as_str()),
             Some("True")
         );
+    }
+
+    #[test]
+    fn a_drain_window_too_short_for_the_busiest_pod_is_degraded() {
+        let status_with = |connections: i64| {
+            let mut wsc = cluster(WsClusterSpec {
+                drain_timeout_seconds: 30,
+                drain: Some(crate::crd::DrainSpec {
+                    max_reconnects_per_second: 100,
+                }),
+                ..Default::default()
+            });
+            wsc.status = Some(WsClusterStatus {
+                pods: Some(vec![crate::crd::PodFigures {
+                    name: "p".into(),
+                    ready: true,
+                    connections: Some(connections),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            });
+            let d = deployment(1, 1, 1);
+            let obs = Observed {
+                deployment: Some(&d),
+                ..Default::default()
+            };
+            desired_status(&wsc, &obs, &at(1))
+        };
+        // 30 s less a 2 s margin at 100/s: 2,800 connections fit, 2,801 do not.
+        let fits = status_with(2_800);
+        assert_eq!(
+            condition(&fits, DEGRADED).map(|c| c.reason.as_str()),
+            Some("AsExpected")
+        );
+        let over = status_with(2_801);
+        let c = condition(&over, DEGRADED).expect("degraded");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "DrainWindowTooShort")
+        );
+        assert_eq!(
+            c.message,
+            condition(&status_with(90_000), DEGRADED)
+                .expect("degraded")
+                .message,
+            "the message does not follow the live figures"
+        );
+        assert_eq!(ready_of(&over).0, "True");
     }
 
     #[test]
