@@ -13,16 +13,16 @@ use wsgate_e2e::{
     DEADLINE, Operator, TestNamespace, apply, audit, get, install_chart, kubectl, running_pods,
     scale_wsc, wait_running_pods, wait_until, wscluster,
 };
-use wsgate_tests::{Client, ProcessGateway};
+use wsgate_tests::{Client, ProcessGateway, Received};
 
 /// A pod's stand-in: a gateway process and its open WebSocket clients.
 struct PodGateway {
     gateway: ProcessGateway,
-    _clients: Vec<Client>,
+    clients: Vec<Client>,
 }
 
-async fn serve_pod(ns: &str, pod: &str, connections: usize) -> PodGateway {
-    let gateway = ProcessGateway::spawn(&[]).await;
+async fn serve_pod(ns: &str, pod: &str, connections: usize, args: &[&str]) -> PodGateway {
+    let gateway = ProcessGateway::spawn(args).await;
     let mut clients = Vec::with_capacity(connections);
     for i in 0..connections {
         let mut client = gateway.client().await;
@@ -41,10 +41,7 @@ async fn serve_pod(ns: &str, pod: &str, connections: usize) -> PodGateway {
         &format!("prometheus.io/port={}", gateway.addr.port()),
         "--overwrite",
     ]);
-    PodGateway {
-        gateway,
-        _clients: clients,
-    }
+    PodGateway { gateway, clients }
 }
 
 /// `status.pods` as name → (ready, connections, error).
@@ -87,7 +84,7 @@ async fn live_status_and_deletion_costs_make_scale_down_remove_the_emptiest_pods
     let wanted: BTreeMap<String, i64> = pods.iter().cloned().zip([30, 5, 20, 10]).collect();
     let mut gateways = BTreeMap::new();
     for (pod, connections) in &wanted {
-        let served = serve_pod(&ns.name, pod, usize::try_from(*connections).unwrap()).await;
+        let served = serve_pod(&ns.name, pod, usize::try_from(*connections).unwrap(), &[]).await;
         gateways.insert(pod.clone(), served);
     }
 
@@ -163,19 +160,19 @@ async fn live_status_and_deletion_costs_make_scale_down_remove_the_emptiest_pods
     audit::assert_nothing_forbidden();
 }
 
-#[test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the control plane of `make e2e`"]
-fn a_paced_scale_down_removes_one_pod_per_drain_step() {
+async fn a_paced_scale_down_drains_one_real_gateway_at_a_time_emptiest_first() {
     install_chart();
     let ns = TestNamespace::new("paced");
-    let _op = Operator::start("paced");
+    let _op = Operator::start_with("paced", &["--leader-election=false", "--fleet-poll-secs=1"]);
     // A step is the 5 s preStop pause plus the 3 s drain window.
     let step = 8;
     apply(
         &ns.name,
         &wscluster(
             "chat",
-            "  replicas: 3\n  drainTimeoutSeconds: 3\n  drain:\n    maxReconnectsPerSecond: 200\n",
+            "  replicas: 3\n  drainTimeoutSeconds: 3\n  drain:\n    maxReconnectsPerSecond: 50\n",
         ),
     );
     wait_running_pods(&ns.name, "chat", 3);
@@ -185,19 +182,48 @@ fn a_paced_scale_down_removes_one_pod_per_drain_step() {
         deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"],
         1
     );
+
+    // The test is the kubelet: each pod's gateway runs with the drain settings of the pod's
+    // environment, as the operator wrote it.
     let env = &deployment["spec"]["template"]["spec"]["containers"][0]["env"];
-    assert!(
+    let var = |name: &str| {
         env.as_array()
             .into_iter()
             .flatten()
-            .any(|e| e["name"] == "WSGATE_DRAIN_RATE" && e["value"] == "200"),
-        "{env}"
-    );
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("{name} in {env}"))
+            .to_owned()
+    };
+    let (rate, window) = (var("WSGATE_DRAIN_RATE"), var("WSGATE_DRAIN_TIMEOUT_SECS"));
+    assert_eq!((rate.as_str(), window.as_str()), ("50", "3"));
+    let pods = running_pods(&ns.name, "chat");
+    let wanted: BTreeMap<String, i64> = pods.iter().cloned().zip([40, 10, 20]).collect();
+    let mut gateways = BTreeMap::new();
+    for (pod, n) in &wanted {
+        let args = [
+            "--drain-rate",
+            rate.as_str(),
+            "--drain-timeout-secs",
+            window.as_str(),
+        ];
+        let served = serve_pod(&ns.name, pod, usize::try_from(*n).unwrap(), &args).await;
+        gateways.insert(pod.clone(), served);
+    }
+    wait_until("the deletion costs", DEADLINE, || {
+        wanted
+            .iter()
+            .all(|(pod, c)| deletion_cost(&ns.name, pod) == Some(c.to_string()))
+            .then_some(())
+    });
 
-    // 3 → 1: the Deployment goes 3, 2, 1 — never straight to 1 — with a step between the two.
+    // 3 → 1: the Deployment goes 3, 2, 1 — never straight to 1 — a step apart; when a pod goes,
+    // its gateway gets SIGTERM and its clients' close frames are timed.
     scale_wsc(&ns.name, "chat", 1);
     let mut seen = vec![3];
     let mut stamps = Vec::new();
+    let mut removed = Vec::new();
+    let mut drains = Vec::new();
     wait_until("the paced scale-down to finish", DEADLINE, || {
         let d = get(&ns.name, "deployment/chat")?;
         let replicas = d["spec"]["replicas"].as_i64()?;
@@ -210,28 +236,73 @@ fn a_paced_scale_down_removes_one_pod_per_drain_step() {
                     .to_owned(),
             );
         }
-        (replicas == 1).then_some(())
+        let running = running_pods(&ns.name, "chat");
+        let gone: Vec<String> = gateways
+            .keys()
+            .filter(|p| !running.contains(p))
+            .cloned()
+            .collect();
+        for pod in gone {
+            let served = gateways.remove(&pod).expect("served");
+            let sigterm = tokio::time::Instant::now();
+            served.gateway.signal("-TERM");
+            let watchers: Vec<_> = served
+                .clients
+                .into_iter()
+                .map(|mut c| {
+                    tokio::spawn(async move {
+                        let got = c.next().await;
+                        (tokio::time::Instant::now(), got)
+                    })
+                })
+                .collect();
+            removed.push(pod);
+            drains.push((sigterm, watchers, served.gateway));
+        }
+        (replicas == 1 && removed.len() == 2).then_some(())
     });
     assert_eq!(seen, [3, 2, 1]);
-    let at = |s: &str| {
-        let out = epoch_seconds(s);
-        out.parse::<i64>()
-            .unwrap_or_else(|_| panic!("step time {s:?}"))
-    };
-    let gap = at(&stamps[1]) - at(&stamps[0]);
+    let gap = epoch_seconds(&stamps[1]) - epoch_seconds(&stamps[0]);
     assert!(
         gap >= step,
         "steps {stamps:?} are {gap} s apart, less than {step} s"
     );
-    wait_running_pods(&ns.name, "chat", 1);
+
+    // The emptiest pod went first, then the next emptiest; the busiest stayed.
+    let by_cost: Vec<&String> = {
+        let mut v: Vec<(&String, &i64)> = wanted.iter().collect();
+        v.sort_by_key(|(_, c)| **c);
+        v.into_iter().map(|(p, _)| p).collect()
+    };
+    assert_eq!(removed.iter().collect::<Vec<_>>(), by_cost[..2]);
+    assert_eq!(running_pods(&ns.name, "chat"), [by_cost[2].clone()]);
+
+    // Every client of a removed pod got 1001, and the two drains did not overlap.
+    let mut spans = Vec::new();
+    for (sigterm, watchers, _gateway) in drains {
+        let mut last = sigterm;
+        for w in watchers {
+            let (at, got) = w.await.expect("client watcher");
+            assert!(matches!(got, Received::Close(Some(1001), _)), "{got:?}");
+            last = last.max(at);
+        }
+        spans.push((sigterm, last));
+    }
+    assert!(
+        spans[0].1 < spans[1].0,
+        "the second pod started draining before the first had finished"
+    );
     audit::assert_nothing_forbidden();
 }
 
 /// Seconds since the epoch of an RFC 3339 time.
-fn epoch_seconds(rfc3339: &str) -> String {
+fn epoch_seconds(rfc3339: &str) -> i64 {
     let out = std::process::Command::new("date")
         .args(["-u", "-d", rfc3339, "+%s"])
         .output()
         .expect("date");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a time: {rfc3339:?}"))
 }
