@@ -4,6 +4,15 @@ use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, T
 
 use crate::error::ClientError;
 
+/// This build's version (`Cargo.toml`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The commit this binary was built from, when the build set `WSGATE_GIT_COMMIT` (the
+/// container build passes it as a build argument).
+pub fn git_commit() -> Option<&'static str> {
+    option_env!("WSGATE_GIT_COMMIT").filter(|c| !c.trim().is_empty())
+}
+
 /// Why a connection closed (the `reason` label of `wsgate_connections_closed_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
@@ -178,7 +187,7 @@ impl Metrics {
         let drop_labels: Vec<&str> = DropReason::ALL.iter().map(|r| r.label()).collect();
         let build = IntGauge::with_opts(
             Opts::new("wsgate_build_info", "Build information; always 1.")
-                .const_label("version", env!("CARGO_PKG_VERSION")),
+                .const_label("version", VERSION),
         )
         .unwrap_or_else(|e| panic!("metric wsgate_build_info: {e}"));
         build.set(1);

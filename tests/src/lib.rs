@@ -109,6 +109,11 @@ impl ProcessGateway {
 
     /// Spawns the given `wsgate` binary.
     pub async fn spawn_bin(bin: &str, extra: &[&str]) -> Self {
+        Self::spawn_bin_env(bin, extra, &[]).await
+    }
+
+    /// Spawns the given `wsgate` binary with `env` as its only environment variables.
+    pub async fn spawn_bin_env(bin: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = tokio::process::Command::new(bin)
             .args([
                 "--listen",
@@ -118,6 +123,7 @@ impl ProcessGateway {
             ])
             .args(extra)
             .env_clear()
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
