@@ -1,10 +1,12 @@
 //! Test harness shared by the integration tests: gateways on port 0 (in-process or as child
 //! processes), real WebSocket clients, an HTTP client, and a real `redis-server` on a free port
-//! that can be killed, restarted and frozen. Everything spawned is killed on drop.
+//! that can be killed, restarted and frozen, and headless Chromium through chromedriver
+//! ([`webdriver`]). Everything spawned is killed on drop.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 mod proxy;
 mod redis_server;
+pub mod webdriver;
 pub use proxy::TcpProxy;
 pub use redis_server::RedisServer;
 
