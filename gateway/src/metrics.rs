@@ -2,7 +2,7 @@
 
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
-use crate::error::ClientError;
+use crate::error::{ApiError, ClientError};
 
 /// This build's version (`Cargo.toml`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -119,6 +119,7 @@ pub struct Metrics {
     pub opened: IntCounter,
     closed: IntCounterVec,
     client_errors: IntCounterVec,
+    http_errors: IntCounterVec,
     pub broker: BrokerMetrics,
 }
 
@@ -133,6 +134,7 @@ pub const DOCUMENTED: &[&str] = &[
     "wsgate_connections_opened_total",
     "wsgate_connections_closed_total",
     "wsgate_client_errors_total",
+    "wsgate_http_errors_total",
     "wsgate_broker_up",
     "wsgate_broker_reconnects_total",
     "wsgate_broker_channels",
@@ -241,6 +243,13 @@ impl Metrics {
                 "code",
                 ClientError::CODES,
             ),
+            http_errors: counter_vec(
+                &r,
+                "wsgate_http_errors_total",
+                "HTTP error responses (API calls and refused WebSocket upgrades), by code.",
+                "code",
+                ApiError::CODES,
+            ),
             broker: BrokerMetrics {
                 up: gauge(
                     &r,
@@ -287,6 +296,11 @@ impl Metrics {
     /// Counts an error envelope.
     pub fn client_error(&self, error: &ClientError) {
         self.client_errors.with_label_values(&[error.code()]).inc();
+    }
+
+    /// Counts an HTTP error response.
+    pub fn http_error(&self, code: &str) {
+        self.http_errors.with_label_values(&[code]).inc();
     }
 
     /// Closed-connection count for one reason (for tests and stats).
