@@ -7,6 +7,8 @@
 FROM docker.io/library/rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
+# Shown by /api/stats and the status page: --build-arg WSGATE_GIT_COMMIT=$(git rev-parse --short HEAD)
+ARG WSGATE_GIT_COMMIT=""
 # Cache mounts keep the registry and target/ between builds; the binary is copied out of the
 # cached target/ because cache mounts are not part of the image.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

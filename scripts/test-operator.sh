@@ -2,8 +2,9 @@
 # Offline checks of the operator's Helm chart and manifests (no cargo, no cluster):
 #   helm lint --strict, helm template with default and example values, kubernetes-validate
 #   --strict on the rendered objects, checkov on the rendered manifests (skips must be
-#   documented in the chart README), the chart's CRD equal to crds/, and the chart's alerts
-#   through promtool (tests/prometheus/check-rules.sh).
+#   documented in the chart README), the chart's CRD equal to crds/, the chart's alerts
+#   through promtool (tests/prometheus/check-rules.sh), and its Grafana dashboard
+#   (tests/grafana/check-dashboard.sh).
 # Installs what is missing into ./.tools (gitignored); safe to run again.
 set -euo pipefail
 
@@ -107,6 +108,9 @@ PY
 
   log "alert rules: promtool check rules + promtool test rules"
   "$ROOT/tests/prometheus/check-rules.sh" "$BIN/helm" "$VENV/bin/python"
+
+  log "Grafana dashboard: ConfigMap, panels, PromQL"
+  "$ROOT/tests/grafana/check-dashboard.sh" "$BIN/helm" "$VENV/bin/python"
 
   log "operator chart checks passed"
 }

@@ -1,7 +1,8 @@
 //! A real Prometheus scraping two real gateway processes (sharing a real redis-server), each
-//! relabelled with the namespace and pod it stands for, as Kubernetes service discovery would.
-//! The exact PromQL of the chart's alerts and of the prometheus-adapter rule in
-//! `docs/kubernetes.md` must return the expected per-pod values.
+//! relabelled with the namespace, WsCluster and pod it stands for, as Kubernetes service discovery
+//! would. The exact PromQL of the chart's alerts and of the prometheus-adapter rule in
+//! `docs/kubernetes.md` must return the expected per-pod values, and every query of the chart's
+//! Grafana dashboard must evaluate (its connection and broker panels to the expected values).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,16 +25,18 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(targets: &[(String, &str, &str)]) -> Self {
+    /// `targets`: (address, namespace, WsCluster, pod).
+    fn start(targets: &[(String, &str, &str, &str)]) -> Self {
         let dir = std::env::temp_dir().join(format!("wsgate-prom-{:08x}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir).expect("prometheus dir");
-        // Each target carries the labels Kubernetes service discovery would give the pod.
+        // Each target carries the labels Kubernetes service discovery would give the pod (the
+        // WsCluster is its app.kubernetes.io/instance label, as a labelmap names it).
         let mut scrape = String::from(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: wsgate\n    static_configs:\n",
         );
-        for (addr, namespace, pod) in targets {
+        for (addr, namespace, cluster, pod) in targets {
             scrape.push_str(&format!(
-                "      - targets: ['{addr}']\n        labels: {{ namespace: {namespace}, pod: {pod} }}\n"
+                "      - targets: ['{addr}']\n        labels: {{ namespace: {namespace}, app_kubernetes_io_instance: {cluster}, pod: {pod} }}\n"
             ));
         }
         std::fs::write(dir.join("prometheus.yml"), scrape).expect("config");
@@ -119,6 +122,28 @@ impl Prometheus {
     }
 }
 
+impl Prometheus {
+    /// Waits until every series `selector` returns carries `label` = `value`, as a Grafana
+    /// variable listing that label's values would show.
+    async fn wait_for_label(&self, selector: &str, label: &str, value: &str) {
+        let start = Instant::now();
+        let mut last = Vec::new();
+        while start.elapsed() < DEADLINE {
+            if let Some(result) = self.query(selector).await {
+                last = result
+                    .iter()
+                    .map(|r| r["metric"][label].as_str().unwrap_or_default().to_owned())
+                    .collect();
+                if !last.is_empty() && last.iter().all(|v| v == value) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("{selector}: expected every {label} to be {value:?}, last answer {last:?}");
+    }
+}
+
 impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -171,6 +196,68 @@ fn alert(alerts: &[(String, String)], name: &str) -> String {
         .unwrap_or_else(|| panic!("the chart has no alert {name}"))
 }
 
+/// Every query of the chart's Grafana dashboard, `(where, expr)`: panel targets in order, then
+/// the template variables (`variable NAME`, their `label_values(…)` query).
+fn dashboard_queries() -> Vec<(String, String)> {
+    let path = root().join("charts/wsgate-operator/dashboards/wsgate.json");
+    let text = std::fs::read_to_string(&path).expect("dashboard");
+    let dashboard: Value = serde_json::from_str(&text).expect("dashboard JSON");
+    let mut out = Vec::new();
+    for p in dashboard["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            if let (Some(title), Some(expr)) = (p["title"].as_str(), t["expr"].as_str()) {
+                out.push((title.to_owned(), expr.to_owned()));
+            }
+        }
+    }
+    for v in dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables")
+    {
+        if let (Some(name), Some(query)) = (v["name"].as_str(), v["query"]["query"].as_str()) {
+            out.push((format!("variable {name}"), query.to_owned()));
+        }
+    }
+    assert!(
+        out.len() >= 20,
+        "dashboard queries not found in {}",
+        path.display()
+    );
+    out
+}
+
+/// The queries of the dashboard panel titled `title`, in order.
+fn panel(queries: &[(String, String)], title: &str) -> Vec<String> {
+    let found: Vec<String> = queries
+        .iter()
+        .filter(|(t, _)| t == title)
+        .map(|(_, e)| e.clone())
+        .collect();
+    assert!(!found.is_empty(), "the dashboard has no panel {title:?}");
+    found
+}
+
+/// A variable's `label_values(SELECTOR, LABEL)` query as the PromQL selector Grafana runs,
+/// over every namespace and WsCluster.
+fn variable_query(queries: &[(String, String)], name: &str) -> String {
+    grafana(&panel(queries, &format!("variable {name}"))[0], ".*", ".*")
+}
+
+/// `expr` with Grafana's variables filled in as Grafana would (a 1-minute rate window).
+/// `label_values(…)` variable queries are evaluated as their selector.
+fn grafana(expr: &str, namespace: &str, cluster: &str) -> String {
+    let expr = match expr
+        .strip_prefix("label_values(")
+        .and_then(|q| q.rsplit_once(','))
+    {
+        Some((selector, _)) => selector,
+        None => expr,
+    };
+    expr.replace("$__rate_interval", "1m")
+        .replace("$namespace", namespace)
+        .replace("$wscluster", cluster)
+}
+
 /// The prometheus-adapter rule of docs/kubernetes.md, expanded as the adapter would for a
 /// request about `pods` in `namespace` (its metricsQuery template filled in).
 fn adapter_query(namespace: &str, pods: &[&str]) -> (String, String) {
@@ -207,8 +294,8 @@ async fn prometheus_answers_the_chart_alerts_and_the_adapter_rule_per_pod() {
     let a = ProcessGateway::spawn(&gateway_args).await;
     let b = ProcessGateway::spawn(&gateway_args).await;
     let prom = Prometheus::start(&[
-        (a.addr.to_string(), "apps", "chat-0"),
-        (b.addr.to_string(), "apps", "chat-1"),
+        (a.addr.to_string(), "apps", "chat", "chat-0"),
+        (b.addr.to_string(), "apps", "chat", "chat-1"),
     ]);
 
     let mut clients = Vec::new();
@@ -240,9 +327,43 @@ async fn prometheus_answers_the_chart_alerts_and_the_adapter_rule_per_pod() {
         prom.wait_for(expr, &[]).await;
     }
 
+    // Every query of the Grafana dashboard evaluates; the connection panels show the fleet.
+    let dashboard = dashboard_queries();
+    for (place, expr) in &dashboard {
+        let promql = grafana(expr, "apps", "chat");
+        assert!(
+            prom.query(&promql).await.is_some(),
+            "{place}: no answer to {promql}"
+        );
+    }
+    // Panels titled "Connections": the overview figure and the graph, total and per pod.
+    for expr in panel(&dashboard, "Connections") {
+        let per_pod = expr.contains("by (namespace, pod)");
+        let want: &[(&str, f64)] = if per_pod {
+            &[("chat-0", 3.0), ("chat-1", 5.0)]
+        } else {
+            &[("", 8.0)]
+        };
+        prom.wait_for(&grafana(&expr, "apps", "chat"), want).await;
+        // The WsCluster variable selects: another cluster's dashboard shows none of these pods.
+        prom.wait_for(&grafana(&expr, "apps", "other"), &[]).await;
+    }
+    for (variable, label, want) in [
+        ("namespace", "namespace", "apps"),
+        ("wscluster", "app_kubernetes_io_instance", "chat"),
+    ] {
+        prom.wait_for_label(&variable_query(&dashboard, variable), label, want)
+            .await;
+    }
+    let broker_down_pods = panel(&dashboard, "Pods with broker down");
+    prom.wait_for(&grafana(&broker_down_pods[0], "apps", "chat"), &[("", 0.0)])
+        .await;
+
     // Redis goes away: both pods lose their broker, and the alert's expression names each pod.
     redis.kill();
     prom.wait_for(&broker_down, &[("chat-0", 0.0), ("chat-1", 0.0)])
+        .await;
+    prom.wait_for(&grafana(&broker_down_pods[0], "apps", "chat"), &[("", 2.0)])
         .await;
     // A client leaving shows in the adapter's figure for its pod only.
     drop(clients.pop());

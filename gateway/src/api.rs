@@ -18,7 +18,7 @@ use subtle::ConstantTimeEq;
 
 use crate::broker::Message;
 use crate::conn::{self, ConnSettings};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::hub::Hub;
 use crate::protocol;
 use crate::types::{Channel, SocketId, Topic};
@@ -63,7 +63,18 @@ pub fn router(hub: Hub, api: ApiSettings, conn: ConnSettings) -> Router {
     Router::new()
         .route(&ws_path, get(websocket))
         .nest("/api", api_routes)
+        .layer(middleware::from_fn_with_state(state.clone(), count_errors))
         .with_state(state)
+}
+
+/// Counts every error answer (`wsgate_http_errors_total{code}`), authorization failures
+/// included: the code travels in the response's extensions.
+async fn count_errors(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    if let Some(ErrorCode(code)) = resp.extensions().get::<ErrorCode>() {
+        st.hub.metrics().http_error(code);
+    }
+    resp
 }
 
 /// Routes for operations: `/metrics`, `/healthz`, `/readyz`.

@@ -46,6 +46,22 @@ pub enum LogFormat {
     Json,
 }
 
+/// A feature switch (`on` / `off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+impl Switch {
+    /// Whether the feature is enabled.
+    pub fn is_on(self) -> bool {
+        self == Switch::On
+    }
+}
+
 /// wsgate: a WebSocket fan-out gateway. Clients join topics; backends publish over HTTP;
 /// replicas share messages through Redis (or run alone on the in-process broker).
 #[derive(Debug, Clone, Parser)]
@@ -156,6 +172,10 @@ pub struct Config {
     /// cut, in milliseconds.
     #[arg(long, env = "WSGATE_CLOSE_TIMEOUT_MS", default_value_t = DEFAULT_CLOSE_TIMEOUT_MS, value_name = "MS")]
     pub close_timeout_ms: u64,
+
+    /// The built-in status page at `/` on --listen (live stats and a try-it panel).
+    #[arg(long, env = "WSGATE_STATUS_PAGE", value_enum, default_value_t = Switch::On, value_name = "on|off")]
+    pub status_page: Switch,
 
     /// Log format.
     #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -359,6 +379,21 @@ mod tests {
         assert_eq!(cfg.key_prefix, "ws");
         assert_eq!(cfg.connect_timeout_ms, 2000);
         assert!(cfg.redis_url.is_none());
+        assert_eq!(cfg.status_page, Switch::On);
+    }
+
+    #[test]
+    fn the_status_page_can_be_turned_off() {
+        assert_eq!(
+            parse(&["--status-page", "off"]).unwrap().status_page,
+            Switch::Off
+        );
+        assert_eq!(
+            parse(&["--status-page=on"]).unwrap().status_page,
+            Switch::On
+        );
+        let err = parse(&["--status-page", "maybe"]).unwrap_err();
+        assert!(err.contains("--status-page"), "{err}");
     }
 
     #[test]
@@ -386,6 +421,7 @@ mod tests {
             (&["--outbound-queue-bytes", "10"], "--outbound-queue-bytes"),
             (&["--ws-path", "ws"], "--ws-path"),
             (&["--log", "[[["], "--log"),
+            (&["--status-page", "yes"], "--status-page"),
             (&["--no-such-flag"], "--no-such-flag"),
         ];
         for (args, setting) in cases {

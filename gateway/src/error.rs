@@ -128,7 +128,27 @@ pub enum ApiError {
     ConnectionLimit,
 }
 
+/// The code of an [`ApiError`] response, left in its extensions so that a layer can count it
+/// (`wsgate_http_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCode(pub &'static str);
+
 impl ApiError {
+    /// Every code, for metric initialisation and docs.
+    pub const CODES: &'static [&'static str] = &[
+        "bad_request",
+        "invalid_field",
+        "unauthorized",
+        "forbidden",
+        "not_found",
+        "payload_too_large",
+        "unsupported_media_type",
+        "broker_unavailable",
+        "broker_timeout",
+        "draining",
+        "connection_limit",
+    ];
+
     /// Status code and stable JSON code.
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
@@ -165,6 +185,7 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         let body = serde_json::json!({ "error": { "code": code, "message": self.to_string() } });
         let mut resp = (status, axum::Json(body)).into_response();
+        resp.extensions_mut().insert(ErrorCode(code));
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
@@ -172,5 +193,37 @@ impl IntoResponse for ApiError {
             );
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_api_error_code_is_listed_for_the_metric() {
+        let all = [
+            ApiError::BadRequest(String::new()),
+            ApiError::InvalidField {
+                field: "topic",
+                reason: String::new(),
+            },
+            ApiError::Unauthorized,
+            ApiError::Forbidden(""),
+            ApiError::NotFound,
+            ApiError::TooLarge(1),
+            ApiError::UnsupportedMediaType,
+            ApiError::BrokerUnavailable(String::new()),
+            ApiError::BrokerTimeout,
+            ApiError::Draining,
+            ApiError::ConnectionLimit,
+        ];
+        let codes: Vec<&str> = all.iter().map(|e| e.status_and_code().1).collect();
+        assert_eq!(codes, ApiError::CODES);
+        let resp = ApiError::NotFound.into_response();
+        assert_eq!(
+            resp.extensions().get::<ErrorCode>(),
+            Some(&ErrorCode("not_found"))
+        );
     }
 }

@@ -392,6 +392,10 @@ impl Hub {
             "subscriptions": self.subscription_count(),
             "draining": self.is_draining(),
             "broker": self.shared.broker.stats(),
+            "build": {
+                "version": crate::metrics::VERSION,
+                "commit": crate::metrics::git_commit(),
+            },
         })
     }
 

@@ -15,6 +15,7 @@
 //! - [`broker`]: the broker seam and the in-process broker.
 //! - [`api`]: HTTP routes (WebSocket, `/api/*`, metrics and probes).
 //! - [`server`]: the accept loop.
+//! - [`status_page`]: the built-in status page at `/`.
 //! - [`metrics`]: Prometheus metrics.
 //!
 //! # Embedding
@@ -57,6 +58,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod protocol;
 pub mod server;
+pub mod status_page;
 pub mod types;
 
 use std::future::Future;
@@ -189,6 +191,17 @@ impl Gateway {
             ws_path: self.config.ws_path.clone(),
         };
         api::router(self.hub.clone(), api, self.conn_settings())
+    }
+
+    /// The status page at `/` (empty when `--status-page off`). [`serve_gateway`] mounts it on the
+    /// main address; [`Gateway::router`] leaves it out, so that an application embedding the
+    /// gateway keeps its own `/` (merge this router to add the page).
+    pub fn status_router(&self) -> axum::Router {
+        if self.config.status_page.is_on() {
+            status_page::router(&self.config.ws_path)
+        } else {
+            axum::Router::new()
+        }
     }
 
     /// Only `/metrics`, `/healthz` and `/readyz`.
@@ -383,9 +396,11 @@ pub async fn serve_gateway(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The status page stays on the main address even when the probes have their own.
+    let main_router = gateway.client_router().merge(gateway.status_router());
     let (main_router, ops) = match metrics_listener {
-        Some(l) => (gateway.client_router(), Some((l, gateway.ops_router()))),
-        None => (gateway.client_router().merge(gateway.ops_router()), None),
+        Some(l) => (main_router, Some((l, gateway.ops_router()))),
+        None => (main_router.merge(gateway.ops_router()), None),
     };
     let mut tasks = vec![tokio::spawn(server::accept_loop(
         listener,

@@ -2,7 +2,16 @@
 
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
-use crate::error::ClientError;
+use crate::error::{ApiError, ClientError};
+
+/// This build's version (`Cargo.toml`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The commit this binary was built from, when the build set `WSGATE_GIT_COMMIT` (the
+/// container build passes it as a build argument).
+pub fn git_commit() -> Option<&'static str> {
+    option_env!("WSGATE_GIT_COMMIT").filter(|c| !c.trim().is_empty())
+}
 
 /// Why a connection closed (the `reason` label of `wsgate_connections_closed_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +119,7 @@ pub struct Metrics {
     pub opened: IntCounter,
     closed: IntCounterVec,
     client_errors: IntCounterVec,
+    http_errors: IntCounterVec,
     pub broker: BrokerMetrics,
 }
 
@@ -124,6 +134,7 @@ pub const DOCUMENTED: &[&str] = &[
     "wsgate_connections_opened_total",
     "wsgate_connections_closed_total",
     "wsgate_client_errors_total",
+    "wsgate_http_errors_total",
     "wsgate_broker_up",
     "wsgate_broker_reconnects_total",
     "wsgate_broker_channels",
@@ -178,7 +189,7 @@ impl Metrics {
         let drop_labels: Vec<&str> = DropReason::ALL.iter().map(|r| r.label()).collect();
         let build = IntGauge::with_opts(
             Opts::new("wsgate_build_info", "Build information; always 1.")
-                .const_label("version", env!("CARGO_PKG_VERSION")),
+                .const_label("version", VERSION),
         )
         .unwrap_or_else(|e| panic!("metric wsgate_build_info: {e}"));
         build.set(1);
@@ -232,6 +243,13 @@ impl Metrics {
                 "code",
                 ClientError::CODES,
             ),
+            http_errors: counter_vec(
+                &r,
+                "wsgate_http_errors_total",
+                "HTTP error responses (API calls and refused WebSocket upgrades), by code.",
+                "code",
+                ApiError::CODES,
+            ),
             broker: BrokerMetrics {
                 up: gauge(
                     &r,
@@ -278,6 +296,11 @@ impl Metrics {
     /// Counts an error envelope.
     pub fn client_error(&self, error: &ClientError) {
         self.client_errors.with_label_values(&[error.code()]).inc();
+    }
+
+    /// Counts an HTTP error response.
+    pub fn http_error(&self, code: &str) {
+        self.http_errors.with_label_values(&[code]).inc();
     }
 
     /// Closed-connection count for one reason (for tests and stats).

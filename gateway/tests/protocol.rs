@@ -198,6 +198,20 @@ async fn every_bad_api_request_gets_a_json_error_with_the_right_status() {
     // The gateway is still healthy.
     assert_eq!(http.get("/healthz").send().await.unwrap().status(), 200);
     http.publish("a", "fine").await;
+    // Every error answer was counted by its code.
+    let scrape = http.metrics().await;
+    let errors = |code: &str| {
+        metric(
+            &scrape,
+            &format!("wsgate_http_errors_total{{code=\"{code}\"}}"),
+        )
+        .unwrap()
+    };
+    assert_eq!(errors("unsupported_media_type"), 2.0);
+    assert_eq!(errors("not_found"), 1.0);
+    assert!(errors("payload_too_large") >= 2.0);
+    assert_eq!(errors("bad_request"), 9.0);
+    assert_eq!(errors("invalid_field"), 5.0);
 }
 
 #[tokio::test]
@@ -230,6 +244,17 @@ async fn api_key_is_required_when_configured() {
     // Probes and metrics need no key.
     assert_eq!(http.get("/metrics").send().await.unwrap().status(), 200);
     assert_eq!(http.get("/readyz").send().await.unwrap().status(), 200);
+    // Refusals are counted by code.
+    let scrape = http.metrics().await;
+    let errors = |code: &str| {
+        metric(
+            &scrape,
+            &format!("wsgate_http_errors_total{{code=\"{code}\"}}"),
+        )
+    };
+    assert_eq!(errors("unauthorized"), Some(2.0));
+    assert_eq!(errors("forbidden"), Some(1.0));
+    assert_eq!(errors("broker_unavailable"), Some(0.0));
 }
 
 #[tokio::test]

@@ -1,10 +1,12 @@
 //! Test harness shared by the integration tests: gateways on port 0 (in-process or as child
 //! processes), real WebSocket clients, an HTTP client, and a real `redis-server` on a free port
-//! that can be killed, restarted and frozen. Everything spawned is killed on drop.
+//! that can be killed, restarted and frozen, and headless Chromium through chromedriver
+//! ([`webdriver`]). Everything spawned is killed on drop.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 mod proxy;
 mod redis_server;
+pub mod webdriver;
 pub use proxy::TcpProxy;
 pub use redis_server::RedisServer;
 
@@ -109,6 +111,11 @@ impl ProcessGateway {
 
     /// Spawns the given `wsgate` binary.
     pub async fn spawn_bin(bin: &str, extra: &[&str]) -> Self {
+        Self::spawn_bin_env(bin, extra, &[]).await
+    }
+
+    /// Spawns the given `wsgate` binary with `env` as its only environment variables.
+    pub async fn spawn_bin_env(bin: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = tokio::process::Command::new(bin)
             .args([
                 "--listen",
@@ -118,6 +125,7 @@ impl ProcessGateway {
             ])
             .args(extra)
             .env_clear()
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
