@@ -35,6 +35,9 @@ pub fn service_monitor(wsc: &WsCluster, id: &Identity) -> Option<DynamicObject> 
         "spec": {
             "selector": { "matchLabels": names::selector_labels(&id.name) },
             "endpoints": [endpoint],
+            // Series carry the pod's WsCluster (`app_kubernetes_io_instance`), as with
+            // annotation-based scraping: the chart's dashboard and alerts select on it.
+            "podTargetLabels": ["app.kubernetes.io/instance"],
         }
     });
     Some(obj)
@@ -73,6 +76,10 @@ mod tests {
         assert_eq!(
             sm.data["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"],
             "chat"
+        );
+        assert_eq!(
+            sm.data["spec"]["podTargetLabels"],
+            json!(["app.kubernetes.io/instance"])
         );
     }
 }
