@@ -70,12 +70,28 @@ fn deletion_cost(ns: &str, pod: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// A test namespace and an operator reading the fleet every second.
+fn namespace_and_operator(name: &str) -> (TestNamespace, Operator) {
+    install_chart();
+    let ns = TestNamespace::new(name);
+    let op = Operator::start_with(name, &["--leader-election=false", "--fleet-poll-secs=1"]);
+    (ns, op)
+}
+
+/// Waits until every pod's deletion cost is its connection count.
+fn wait_deletion_costs(ns: &str, wanted: &BTreeMap<String, i64>) {
+    wait_until("the deletion costs", DEADLINE, || {
+        wanted
+            .iter()
+            .all(|(pod, c)| deletion_cost(ns, pod) == Some(c.to_string()))
+            .then_some(())
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the control plane of `make e2e`"]
 async fn live_status_and_deletion_costs_make_scale_down_remove_the_emptiest_pods() {
-    install_chart();
-    let ns = TestNamespace::new("fleet");
-    let op = Operator::start_with("fleet", &["--leader-election=false", "--fleet-poll-secs=1"]);
+    let (ns, op) = namespace_and_operator("fleet");
     apply(&ns.name, &wscluster("chat", "  replicas: 4\n"));
     wait_running_pods(&ns.name, "chat", 4);
     let pods = running_pods(&ns.name, "chat");
@@ -108,12 +124,7 @@ async fn live_status_and_deletion_costs_make_scale_down_remove_the_emptiest_pods
     assert_eq!(row[column], "65", "{table}");
 
     // Every pod's deletion cost is its connection count.
-    wait_until("the deletion costs", DEADLINE, || {
-        wanted
-            .iter()
-            .all(|(pod, c)| deletion_cost(&ns.name, pod) == Some(c.to_string()))
-            .then_some(())
-    });
+    wait_deletion_costs(&ns.name, &wanted);
 
     // A steady fleet costs no writes: over five more reads of all four pods, the operator writes
     // neither the status nor any pod.
@@ -163,9 +174,7 @@ async fn live_status_and_deletion_costs_make_scale_down_remove_the_emptiest_pods
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the control plane of `make e2e`"]
 async fn a_paced_scale_down_drains_one_real_gateway_at_a_time_emptiest_first() {
-    install_chart();
-    let ns = TestNamespace::new("paced");
-    let _op = Operator::start_with("paced", &["--leader-election=false", "--fleet-poll-secs=1"]);
+    let (ns, _op) = namespace_and_operator("paced");
     // A step is the 5 s preStop pause plus the 3 s drain window.
     let step = 8;
     apply(
@@ -210,12 +219,7 @@ async fn a_paced_scale_down_drains_one_real_gateway_at_a_time_emptiest_first() {
         let served = serve_pod(&ns.name, pod, usize::try_from(*n).unwrap(), &args).await;
         gateways.insert(pod.clone(), served);
     }
-    wait_until("the deletion costs", DEADLINE, || {
-        wanted
-            .iter()
-            .all(|(pod, c)| deletion_cost(&ns.name, pod) == Some(c.to_string()))
-            .then_some(())
-    });
+    wait_deletion_costs(&ns.name, &wanted);
 
     // 3 → 1: the Deployment goes 3, 2, 1 — never straight to 1 — a step apart; when a pod goes,
     // its gateway gets SIGTERM and its clients' close frames are timed.
