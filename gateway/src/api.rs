@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
 use crate::broker::Message;
-use crate::conn::{self, ConnSettings};
+use crate::conn::{self, ConnSettings, MessageHandler};
 use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::protocol;
@@ -41,15 +41,23 @@ struct AppState {
     hub: Hub,
     api: Arc<ApiSettings>,
     conn: ConnSettings,
+    handler: Option<Arc<dyn MessageHandler>>,
 }
 
-/// Routes for clients and backends: the WebSocket path and `/api/*`.
-pub fn router(hub: Hub, api: ApiSettings, conn: ConnSettings) -> Router {
+/// Routes for clients and backends: the WebSocket path and `/api/*`. With a `handler`,
+/// WebSocket connections speak the embedder's protocol instead of wsgate's.
+pub fn router(
+    hub: Hub,
+    api: ApiSettings,
+    conn: ConnSettings,
+    handler: Option<Arc<dyn MessageHandler>>,
+) -> Router {
     let ws_path = api.ws_path.clone();
     let state = AppState {
         hub,
         api: Arc::new(api),
         conn,
+        handler,
     };
     let api_routes = Router::new()
         .route("/publish", post(publish))
@@ -123,6 +131,7 @@ async fn websocket(State(st): State<AppState>, mut req: Request) -> Response {
         on_upgrade,
         slot,
         st.conn,
+        st.handler.clone(),
     ));
     conn::switching_protocols(accept)
 }

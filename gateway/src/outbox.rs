@@ -240,19 +240,22 @@ impl Outbox {
         self.lock().held = true;
     }
 
-    /// Sends `first` ahead of everything queued while held, then lets the rest follow.
-    pub fn release(&self, first: Bytes) {
+    /// Sends `first` (if any) ahead of everything queued while held, then lets the rest
+    /// follow.
+    pub fn release(&self, first: Option<Bytes>) {
         let mut st = self.lock();
         if !st.held {
             return;
         }
         st.held = false;
-        st.bytes += first.len();
-        st.queue.push_front(Item {
-            frame: first,
-            kind: Kind::Control,
-            started: false,
-        });
+        if let Some(first) = first {
+            st.bytes += first.len();
+            st.queue.push_front(Item {
+                frame: first,
+                kind: Kind::Control,
+                started: false,
+            });
+        }
         drop(st);
         self.wake_writer.notify_one();
     }
@@ -591,7 +594,7 @@ mod tests {
             outbox.push(frame::text(b"early"), Kind::Data, &LIMITS, &metrics),
             Push::Queued
         );
-        outbox.release(frame::text(b"session"));
+        outbox.release(Some(frame::text(b"session")));
         outbox.close(1000, "", CloseReason::Client, false);
         let (mut client, server) = tokio::io::duplex(256);
         outbox.run_writer(server, &metrics).await;
@@ -759,7 +762,10 @@ mod tcp_tests {
         );
         // The started frame is delivered, not counted as dropped; the new one is dropped.
         assert_eq!(
-            metric_value(&metrics, "wsgate_messages_dropped_total{reason=\"slow_consumer\"}"),
+            metric_value(
+                &metrics,
+                "wsgate_messages_dropped_total{reason=\"slow_consumer\"}"
+            ),
             1
         );
         let reader = tokio::spawn(async move {
