@@ -112,3 +112,16 @@ async fn a_message_handler_answers_within_the_outbound_queue_limits() {
     let (_, code) = c.until_close().await;
     assert_eq!(code, Some(1008));
 }
+
+#[tokio::test]
+async fn invalid_utf8_in_a_fragment_fails_the_connection_before_the_message_ends() {
+    // Autobahn 6.4.1 / 6.4.2 (NON-STRICT before): the gateway used to check a text message
+    // only once complete, so a client that never sent the last fragment kept the connection
+    // open with invalid text pending. The final fragment is never sent here.
+    let gw = echo_gateway(&[]).await;
+    let mut c = RawClient::handshake(gw.addr, "/").await;
+    let mut bytes = RawClient::fragment(false, 1, "\u{3ba}\u{1f79}\u{3c3}".as_bytes());
+    bytes.extend(RawClient::fragment(false, 0, &[0xF4, 0x90, 0x80, 0x80]));
+    assert!(c.send_raw(&bytes).await);
+    assert_eq!(c.until_close().await, (vec![], Some(1007)));
+}
