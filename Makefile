@@ -1,5 +1,5 @@
 # Task runner: these recipes are what CI runs (.ci/run calls `make test`, then `make e2e`).
-.PHONY: run test e2e lint fmt unit crds conformance
+.PHONY: run test e2e lint fmt unit crds conformance fuzz
 
 ## Run the gateway on the in-process broker (no set-up needed).
 run:
@@ -18,6 +18,10 @@ e2e:
 ## WebSocket layer (release build; `make test` runs the same cases on the debug build).
 conformance:
 	scripts/autobahn
+
+## Fuzz the parsers of untrusted input, 60 s per target (docs/fuzzing.md; not part of CI).
+fuzz:
+	scripts/fuzz
 
 lint:
 	cargo fmt --all -- --check
