@@ -794,12 +794,7 @@ mod tcp_tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn direct_and_queued_writes_arrive_complete_and_in_order() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let socket = Arc::new(server);
+        let (mut client, socket) = socket_pair().await;
         let outbox = Arc::new(Outbox::with_socket(Some(socket.clone())));
         let metrics = Metrics::new();
         let limits = QueueLimits {
