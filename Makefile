@@ -1,5 +1,5 @@
 # Task runner: these recipes are what CI runs (.ci/run calls `make test`, then `make e2e`).
-.PHONY: run test e2e lint fmt unit crds
+.PHONY: run test e2e lint fmt unit crds conformance fuzz
 
 ## Run the gateway on the in-process broker (no set-up needed).
 run:
@@ -13,6 +13,15 @@ test:
 ## kube-controller-manager, kube-scheduler, kwok nodes), and real Prometheus on real gateways.
 e2e:
 	scripts/e2e
+
+## WebSocket conformance: the Autobahn|Testsuite fuzzing client against the gateway's own
+## WebSocket layer (release build; `make test` runs the same cases on the debug build).
+conformance:
+	scripts/autobahn
+
+## Fuzz the parsers of untrusted input, 60 s per target (docs/fuzzing.md; not part of CI).
+fuzz:
+	scripts/fuzz
 
 lint:
 	cargo fmt --all -- --check

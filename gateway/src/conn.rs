@@ -20,13 +20,14 @@ use sha1::{Digest, Sha1};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::broker::BrokerError;
+use crate::broker::{BrokerError, Message};
 use crate::error::{ApiError, ClientError};
 use crate::frame::{self, FrameReader, Inbound, close_code};
 use crate::hub::{Conn, Hub, Slot};
 use crate::metrics::CloseReason;
+use crate::outbox::Push;
 use crate::protocol::{self, Command};
-use crate::types::Channel;
+use crate::types::{Channel, SocketId};
 
 /// How much a read asks for at a time. The buffer exists only while bytes are being parsed.
 const READ_CHUNK: usize = 4096;
@@ -42,6 +43,40 @@ pub struct ConnSettings {
     pub max_inbound_rate: u32,
     /// How long a closing connection may take to flush its close frame.
     pub close_timeout: Duration,
+}
+
+/// An embedder's own application protocol, spoken over the gateway's WebSocket layer in place
+/// of wsgate's client protocol.
+///
+/// The gateway still does everything below the messages — the handshake, frame parsing,
+/// reassembly and UTF-8 checks, the size and rate limits, pings, the closing handshake, the
+/// bounded outbox and its single writer — and hands each complete data message to the handler,
+/// in order, from the connection's reader. Such connections get no `session` envelope and no
+/// error envelopes; they are still registered, so [`crate::Gateway::send`] reaches them. A
+/// message over `--max-frame-bytes` closes the connection with 1009.
+pub trait MessageHandler: Send + Sync + 'static {
+    /// Called for each complete text or binary message the client sent. Runs on the
+    /// connection's reader: the next message is read once this returns.
+    fn on_message(&self, conn: &Connection<'_>, message: Message);
+}
+
+/// The connection a [`MessageHandler`] was called for.
+pub struct Connection<'a> {
+    hub: &'a Hub,
+    conn: &'a Conn,
+}
+
+impl Connection<'_> {
+    /// The connection's socket id.
+    pub fn id(&self) -> SocketId {
+        self.conn.id()
+    }
+
+    /// Queues `message` on this connection's outbox, behind what is already queued and under
+    /// the outbound queue limits. [`Message::Disconnect`] starts a normal close (1000).
+    pub fn send(&self, message: Message) -> Push {
+        self.hub.send_message(self.conn, message)
+    }
 }
 
 /// Validates a WebSocket upgrade request and returns the `Sec-WebSocket-Accept` value.
@@ -94,7 +129,15 @@ pub fn switching_protocols(accept: HeaderValue) -> Response {
 }
 
 /// Waits for the HTTP layer to hand over the socket, then runs the connection.
-pub async fn serve_upgraded(hub: Hub, on_upgrade: OnUpgrade, slot: Slot, settings: ConnSettings) {
+///
+/// With a `handler`, the connection speaks the embedder's protocol (see [`MessageHandler`]).
+pub async fn serve_upgraded(
+    hub: Hub,
+    on_upgrade: OnUpgrade,
+    slot: Slot,
+    settings: ConnSettings,
+    handler: Option<Arc<dyn MessageHandler>>,
+) {
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
         Err(e) => {
@@ -108,20 +151,14 @@ pub async fn serve_upgraded(hub: Hub, on_upgrade: OnUpgrade, slot: Slot, setting
         Ok(parts) => {
             let socket = Arc::new(parts.io.into_inner());
             let writer = Writer::Tcp(socket.clone());
-            run(
-                hub,
-                TcpReader(socket),
-                writer,
-                parts.read_buf,
-                slot,
-                settings,
-            )
-            .await;
+            let reader = TcpReader(socket);
+            run(hub, reader, writer, parts.read_buf, slot, settings, handler).await;
         }
         Err(upgraded) => {
             let (r, w) = tokio::io::split(TokioIo::new(upgraded));
             let writer = Writer::Generic(Box::new(w));
-            run(hub, GenericReader(r), writer, Bytes::new(), slot, settings).await;
+            let reader = GenericReader(r);
+            run(hub, reader, writer, Bytes::new(), slot, settings, handler).await;
         }
     }
 }
@@ -217,6 +254,7 @@ async fn run<R>(
     leftover: Bytes,
     slot: Slot,
     settings: ConnSettings,
+    handler: Option<Arc<dyn MessageHandler>>,
 ) where
     R: ReadSource,
 {
@@ -236,7 +274,11 @@ async fn run<R>(
         }
     });
 
-    hub.open(&conn).await;
+    if handler.is_some() {
+        hub.open_without_session(&conn);
+    } else {
+        hub.open(&conn).await;
+    }
 
     let mut session = Session {
         hub: &hub,
@@ -245,6 +287,7 @@ async fn run<R>(
         rate: RateLimit::new(settings.max_inbound_rate),
         settings,
         peer_closed: false,
+        handler,
     };
     // Copy what the HTTP layer read past the upgrade request, and let go of its buffer: the
     // `Bytes` may pin hyper's whole read buffer for the life of the connection.
@@ -360,13 +403,18 @@ struct Session<'a> {
     settings: ConnSettings,
     /// The peer sent its close frame: nothing more is expected from it.
     peer_closed: bool,
+    /// The embedder's protocol, in place of wsgate's.
+    handler: Option<Arc<dyn MessageHandler>>,
 }
 
 impl Session<'_> {
     fn error(&self, error: &ClientError, id: Option<&protocol::AckId>) {
         self.hub.metrics().client_error(error);
-        self.hub
-            .send_control(self.conn, protocol::error_frame(error, id));
+        // Error envelopes are wsgate's protocol, not an embedder's.
+        if self.handler.is_none() {
+            self.hub
+                .send_control(self.conn, protocol::error_frame(error, id));
+        }
     }
 
     /// Handles one inbound item; `Break` ends the read loop.
@@ -393,6 +441,25 @@ impl Session<'_> {
             }
             _ => {}
         }
+        // An embedder's protocol takes the data messages; the WebSocket layer keeps the rest.
+        let item = match (self.handler.as_deref(), item) {
+            (Some(handler), Inbound::Text(text)) => {
+                return self.to_handler(handler, Message::Text(text));
+            }
+            (Some(handler), Inbound::Binary(data)) => {
+                return self.to_handler(handler, Message::Binary(data));
+            }
+            (Some(_), Inbound::TooLarge { .. }) => {
+                self.conn.outbox.close(
+                    close_code::MESSAGE_TOO_BIG,
+                    "message too big",
+                    CloseReason::ProtocolError,
+                    false,
+                );
+                return Break(());
+            }
+            (_, item) => item,
+        };
         match item {
             Inbound::Text(text) => self.on_text(&text).await,
             Inbound::Binary(_) => self.error(&ClientError::UnsupportedBinary, None),
@@ -419,6 +486,19 @@ impl Session<'_> {
             }
         }
         Continue(())
+    }
+
+    fn to_handler(
+        &self,
+        handler: &dyn MessageHandler,
+        message: Message,
+    ) -> std::ops::ControlFlow<()> {
+        let conn = Connection {
+            hub: self.hub,
+            conn: self.conn,
+        };
+        handler.on_message(&conn, message);
+        std::ops::ControlFlow::Continue(())
     }
 
     async fn on_text(&mut self, text: &[u8]) {

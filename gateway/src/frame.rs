@@ -162,6 +162,34 @@ struct Partial {
     data: BytesMut,
     /// The message passed the limit: discard its remaining fragments.
     discard: bool,
+    /// Text: how much of `data` is known to be valid UTF-8 (what follows is at most the start
+    /// of one character, completed by the next fragment).
+    checked: usize,
+}
+
+impl Partial {
+    /// Checks the text received since the last fragment, so that invalid UTF-8 fails the
+    /// connection when it arrives rather than when the message ends (RFC 6455 §8.1; the
+    /// Autobahn suite's cases 6.4.1 and 6.4.2). Each byte is checked once either way.
+    fn check_text(&mut self) -> Result<(), ProtocolViolation> {
+        if self.opcode != OpCode::Text {
+            return Ok(());
+        }
+        match std::str::from_utf8(&self.data[self.checked..]) {
+            Ok(_) => self.checked = self.data.len(),
+            // Cut inside a character: the rest of it may come with the next fragment.
+            Err(e) if e.error_len().is_none() => self.checked += e.valid_up_to(),
+            Err(_) => return Err(invalid_utf8()),
+        }
+        Ok(())
+    }
+}
+
+fn invalid_utf8() -> ProtocolViolation {
+    ProtocolViolation {
+        code: close_code::INVALID_PAYLOAD,
+        reason: "text message is not valid UTF-8",
+    }
 }
 
 impl FrameReader {
@@ -172,6 +200,12 @@ impl FrameReader {
             skipping: 0,
             partial: None,
         }
+    }
+
+    /// Bytes of a fragmented message held until its final fragment (never more than the
+    /// limit: an oversized message is discarded, not buffered).
+    pub fn buffered(&self) -> usize {
+        self.partial.as_ref().map_or(0, |p| p.data.len())
     }
 
     /// Parses the next complete item from the front of `buf`, consuming its bytes.
@@ -249,6 +283,7 @@ impl FrameReader {
                     opcode,
                     data: BytesMut::new(),
                     discard: true,
+                    checked: 0,
                 });
             }
             // Report once per message: when it first goes over the limit.
@@ -267,24 +302,25 @@ impl FrameReader {
                 opcode: h.opcode,
                 data: BytesMut::new(),
                 discard: false,
+                checked: 0,
             });
             partial.data.extend_from_slice(&payload);
+            partial.check_text()?;
             return Ok(Step::Consumed);
         }
-        let (opcode, data) = match self.partial.take() {
+        let (opcode, data, checked) = match self.partial.take() {
             Some(mut p) => {
                 p.data.extend_from_slice(&payload);
-                (p.opcode, p.data.freeze())
+                (p.opcode, p.data.freeze(), p.checked)
             }
-            None => (h.opcode, payload),
+            None => (h.opcode, payload, 0),
         };
         match opcode {
             OpCode::Text => {
-                if std::str::from_utf8(&data).is_err() {
-                    return Err(ProtocolViolation {
-                        code: close_code::INVALID_PAYLOAD,
-                        reason: "text message is not valid UTF-8",
-                    });
+                // What earlier fragments brought was checked as it came (up to a character
+                // boundary).
+                if std::str::from_utf8(&data[checked..]).is_err() {
+                    return Err(invalid_utf8());
                 }
                 Ok(Step::Item(Inbound::Text(data)))
             }
@@ -593,6 +629,46 @@ mod tests {
             };
             assert_eq!(err.code, code, "{bytes:?}");
         }
+    }
+
+    #[test]
+    fn invalid_utf8_fails_the_connection_at_the_fragment_that_brings_it() {
+        // Autobahn 6.4.1: the message's first fragment is valid, the second is not, the third
+        // never comes (the suite waits for the server to fail the connection first).
+        let mut r = FrameReader::new(1024);
+        let mut bytes = client_frame(false, 1, "\u{3ba}\u{1f79}".as_bytes());
+        bytes.extend(client_frame(false, 0, &[0xF4, 0x90, 0x80, 0x80]));
+        let mut buf = BytesMut::from(&bytes[..]);
+        match r.next(&mut buf) {
+            Err(e) => assert_eq!(e.code, close_code::INVALID_PAYLOAD),
+            Ok(None) => panic!("invalid UTF-8 accepted until the message ends"),
+            Ok(Some(item)) => panic!("unexpected {item:?}"),
+        }
+    }
+
+    #[test]
+    fn characters_cut_between_fragments_are_valid_text() {
+        // 6.4.2's valid prefix: a fragment may end inside a character.
+        let text = "\u{3ba}\u{1f79}\u{3c3}\u{1f10}\u{3bc}\u{3b5} \u{1F600}";
+        for cut in 0..=text.len() {
+            let mut r = FrameReader::new(1024);
+            let mut bytes = client_frame(false, 1, &text.as_bytes()[..cut]);
+            bytes.extend(client_frame(true, 0, &text.as_bytes()[cut..]));
+            assert_eq!(
+                read_all(&mut r, &bytes),
+                vec![Inbound::Text(Bytes::from(text))],
+                "cut at {cut}"
+            );
+        }
+        // An unfinished character at the very end is still invalid.
+        let mut r = FrameReader::new(1024);
+        let mut bytes = client_frame(false, 1, b"ok");
+        bytes.extend(client_frame(true, 0, &[0xE2, 0x82]));
+        let mut buf = BytesMut::from(&bytes[..]);
+        assert_eq!(
+            r.next(&mut buf).unwrap_err().code,
+            close_code::INVALID_PAYLOAD
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::broker::{Broker, BrokerError, Message, Sink};
 use crate::error::ClientError;
 use crate::frame;
 use crate::metrics::{CloseReason, Metrics};
-use crate::outbox::{Kind, Outbox, QueueLimits};
+use crate::outbox::{Kind, Outbox, Push, QueueLimits};
 use crate::types::{Channel, SocketId, Topic};
 
 const SHARDS: usize = 64;
@@ -242,7 +242,14 @@ impl Hub {
         if let Err(e) = a.and(b) {
             tracing::debug!(error = %e, "session sent before the broker confirmed its channels");
         }
-        conn.outbox.release(crate::protocol::session_frame(conn.id));
+        conn.outbox
+            .release(Some(crate::protocol::session_frame(conn.id)));
+    }
+
+    /// Opens a connection that speaks an embedder's protocol (see
+    /// [`crate::conn::MessageHandler`]): no `session` envelope; what was held goes out now.
+    pub fn open_without_session(&self, conn: &Conn) {
+        conn.outbox.release(None);
     }
 
     /// Removes a connection and all its subscriptions; counts its close reason.
@@ -469,6 +476,31 @@ impl Hub {
             .window_deliveries
             .fetch_add(recipients as u64, Ordering::Relaxed);
         before + recipients as u64 <= DIRECT_BUDGET
+    }
+
+    /// Sends a data message to one local connection, behind what is already queued and under
+    /// the outbound queue limits (a client that does not read is closed as a slow consumer).
+    /// [`Message::Disconnect`] closes the connection normally.
+    pub fn send_message(&self, conn: &Conn, message: Message) -> Push {
+        let frame = match message {
+            Message::Text(b) => frame::text(&b),
+            Message::Binary(b) => frame::binary(&b),
+            Message::Disconnect => {
+                return if conn.outbox.close(
+                    frame::close_code::NORMAL,
+                    "",
+                    CloseReason::Disconnected,
+                    false,
+                ) {
+                    Push::Queued
+                } else {
+                    Push::Closed
+                };
+            }
+        };
+        let limits = &self.shared.limits.queue;
+        conn.outbox
+            .push(frame, Kind::Data, limits, &self.shared.metrics)
     }
 
     /// Sends a protocol frame (ack, error, pong) to one connection.

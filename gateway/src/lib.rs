@@ -71,6 +71,7 @@ use tokio::sync::watch;
 
 pub use broker::{BrokerError, Message};
 pub use config::Config;
+pub use conn::{Connection, MessageHandler};
 pub use error::{Error, Result};
 pub use types::{Channel, KeyPrefix, SocketId, Topic};
 
@@ -100,6 +101,7 @@ pub struct Gateway {
     config: Arc<Config>,
     key_prefix: KeyPrefix,
     background: Arc<tokio::task::JoinHandle<()>>,
+    handler: Option<Arc<dyn MessageHandler>>,
 }
 
 impl Gateway {
@@ -160,7 +162,17 @@ impl Gateway {
             config: Arc::new(config),
             key_prefix,
             background: Arc::new(background),
+            handler: None,
         })
+    }
+
+    /// Makes WebSocket connections speak `handler`'s protocol instead of wsgate's: each
+    /// complete text or binary message a client sends goes to the handler, which may answer on
+    /// the same connection (see [`MessageHandler`]). Applies to the routers made afterwards.
+    #[must_use]
+    pub fn with_message_handler(mut self, handler: impl MessageHandler) -> Self {
+        self.handler = Some(Arc::new(handler));
+        self
     }
 
     fn conn_settings(&self) -> conn::ConnSettings {
@@ -190,7 +202,12 @@ impl Gateway {
             max_message_bytes: self.config.max_message_bytes,
             ws_path: self.config.ws_path.clone(),
         };
-        api::router(self.hub.clone(), api, self.conn_settings())
+        api::router(
+            self.hub.clone(),
+            api,
+            self.conn_settings(),
+            self.handler.clone(),
+        )
     }
 
     /// The status page at `/` (empty when `--status-page off`). [`serve_gateway`] mounts it on the

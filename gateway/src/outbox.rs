@@ -48,6 +48,9 @@ pub enum Kind {
 struct Item {
     frame: Bytes,
     kind: Kind,
+    /// The frame's first bytes are already on the wire (a partial direct write): the rest
+    /// must follow, or the stream is corrupt.
+    started: bool,
 }
 
 #[derive(Default)]
@@ -173,7 +176,12 @@ impl Outbox {
         if kind == Kind::Data
             && (st.queue.len() >= limits.max_messages || st.bytes + frame.len() > limits.max_bytes)
         {
-            let discarded = st.queue.iter().filter(|i| i.kind == Kind::Data).count() as u64 + 1;
+            let discarded = st
+                .queue
+                .iter()
+                .filter(|i| i.kind == Kind::Data && !i.started)
+                .count() as u64
+                + 1;
             self.begin_close(
                 &mut st,
                 frame::close(
@@ -188,6 +196,7 @@ impl Outbox {
             return Push::Overflow;
         }
         let mut frame = frame;
+        let mut started = false;
         let idle = st.queue.is_empty() && !st.busy && !st.held;
         if idle
             && direct
@@ -206,12 +215,19 @@ impl Outbox {
                     return Push::Written;
                 }
                 // The rest waits for the writer (errors too: the writer reports them).
-                Ok(n) => frame.advance(n),
+                Ok(n) => {
+                    frame.advance(n);
+                    started = n > 0;
+                }
                 Err(_) => {}
             }
         }
         st.bytes += frame.len();
-        st.queue.push_back(Item { frame, kind });
+        st.queue.push_back(Item {
+            frame,
+            kind,
+            started,
+        });
         drop(st);
         if idle {
             self.wake_writer.notify_one();
@@ -224,18 +240,22 @@ impl Outbox {
         self.lock().held = true;
     }
 
-    /// Sends `first` ahead of everything queued while held, then lets the rest follow.
-    pub fn release(&self, first: Bytes) {
+    /// Sends `first` (if any) ahead of everything queued while held, then lets the rest
+    /// follow.
+    pub fn release(&self, first: Option<Bytes>) {
         let mut st = self.lock();
         if !st.held {
             return;
         }
         st.held = false;
-        st.bytes += first.len();
-        st.queue.push_front(Item {
-            frame: first,
-            kind: Kind::Control,
-        });
+        if let Some(first) = first {
+            st.bytes += first.len();
+            st.queue.push_front(Item {
+                frame: first,
+                kind: Kind::Control,
+                started: false,
+            });
+        }
         drop(st);
         self.wake_writer.notify_one();
     }
@@ -269,8 +289,12 @@ impl Outbox {
 
     fn begin_close(&self, st: &mut State, close_frame: Bytes, why: CloseReason, discard: bool) {
         if discard {
+            // Only ever the queue's front can be partly written; that frame is finished, or
+            // the close frame would land in the middle of its payload.
+            let started = st.queue.pop_front().filter(|i| i.started);
             st.queue = VecDeque::new();
-            st.bytes = 0;
+            st.bytes = started.as_ref().map_or(0, |i| i.frame.len());
+            st.queue.extend(started);
         }
         st.closing = Some(why);
         // No more direct writes: the close frame must be the last thing on the wire, and the
@@ -279,6 +303,7 @@ impl Outbox {
         st.queue.push_back(Item {
             frame: close_frame,
             kind: Kind::Close,
+            started: false,
         });
         self.wake_writer.notify_one();
         self.signal_closing();
@@ -569,7 +594,7 @@ mod tests {
             outbox.push(frame::text(b"early"), Kind::Data, &LIMITS, &metrics),
             Push::Queued
         );
-        outbox.release(frame::text(b"session"));
+        outbox.release(Some(frame::text(b"session")));
         outbox.close(1000, "", CloseReason::Client, false);
         let (mut client, server) = tokio::io::duplex(256);
         outbox.run_writer(server, &metrics).await;
@@ -702,14 +727,74 @@ mod tcp_tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn direct_and_queued_writes_arrive_complete_and_in_order() {
+    /// A connected pair on loopback: (the client's end, the server's end).
+    async fn socket_pair() -> (TcpStream, Arc<TcpStream>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let socket = Arc::new(server);
+        (client, Arc::new(server))
+    }
+
+    #[tokio::test]
+    async fn a_slow_consumer_close_finishes_a_partly_written_frame_before_the_close_frame() {
+        // Found while testing the echo of examples/autobahn_echo.rs: the backlog discarded on
+        // overflow included the rest of a frame already partly sent directly, so the close
+        // frame landed inside that frame's payload and the client saw garbage, not 1008.
+        let (mut client, socket) = socket_pair().await;
+        let outbox = Outbox::with_socket(Some(socket.clone()));
+        let metrics = Metrics::new();
+        let limits = QueueLimits {
+            max_messages: 100,
+            max_bytes: (16 << 20) + 64,
+        };
+        // Far more than the socket buffers take: written in part, the rest queued.
+        let big = frame::binary(&vec![1u8; 16 << 20]);
+        assert_eq!(
+            outbox.push(big.clone(), Kind::Data, &limits, &metrics),
+            Push::Queued
+        );
+        assert_eq!(outbox.queued(), 1);
+        assert_eq!(
+            outbox.push(big.clone(), Kind::Data, &limits, &metrics),
+            Push::Overflow
+        );
+        // The started frame is delivered, not counted as dropped; the new one is dropped.
+        assert_eq!(
+            metric_value(
+                &metrics,
+                "wsgate_messages_dropped_total{reason=\"slow_consumer\"}"
+            ),
+            1
+        );
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        outbox.run_tcp_writer(socket, &metrics).await;
+        let got = reader.await.unwrap();
+        let mut want = big.to_vec();
+        want.extend_from_slice(&frame::close(
+            frame::close_code::POLICY_VIOLATION,
+            "slow consumer: outbound queue full",
+        ));
+        assert!(got == want, "{} bytes, want {}", got.len(), want.len());
+    }
+
+    fn metric_value(metrics: &Metrics, series: &str) -> u64 {
+        let scrape = metrics.render();
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn direct_and_queued_writes_arrive_complete_and_in_order() {
+        let (mut client, socket) = socket_pair().await;
         let outbox = Arc::new(Outbox::with_socket(Some(socket.clone())));
         let metrics = Metrics::new();
         let limits = QueueLimits {

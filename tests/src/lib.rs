@@ -36,6 +36,18 @@ pub struct TestGateway {
 
 impl TestGateway {
     pub async fn start(extra: &[&str]) -> Self {
+        Self::start_with(extra, |gateway| gateway).await
+    }
+
+    /// A gateway whose WebSocket connections speak `handler`'s protocol instead of wsgate's.
+    pub async fn start_with_handler(extra: &[&str], handler: impl wsgate::MessageHandler) -> Self {
+        Self::start_with(extra, |gateway| gateway.with_message_handler(handler)).await
+    }
+
+    async fn start_with(
+        extra: &[&str],
+        customise: impl FnOnce(wsgate::Gateway) -> wsgate::Gateway,
+    ) -> Self {
         let mut args = vec![
             "wsgate",
             "--listen",
@@ -47,7 +59,7 @@ impl TestGateway {
         let config = wsgate::Config::parse_args(args).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let gateway = wsgate::Gateway::start(config).await.unwrap();
+        let gateway = customise(wsgate::Gateway::start(config).await.unwrap());
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(wsgate::serve_gateway(
             gateway.clone(),
@@ -431,10 +443,21 @@ pub type RawFrame = (u8, Vec<u8>);
 impl RawClient {
     /// Opens `/ws` and waits for the `session` envelope.
     pub async fn connect(addr: SocketAddr) -> Self {
+        let mut c = Self::handshake(addr, "/ws").await;
+        let (op, payload) = c.next_frame().await.expect("no session envelope");
+        assert_eq!(op, 1);
+        let session: Value = serde_json::from_slice(&payload).unwrap();
+        c.socket_id = session["data"]["socketId"].as_str().unwrap().to_owned();
+        c
+    }
+
+    /// Opens `path` and returns once the server switched protocols, without waiting for any
+    /// frame (for gateways speaking an embedder's protocol, which send no `session`).
+    pub async fn handshake(addr: SocketAddr, path: &str) -> Self {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let request = format!(
-            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
         );
         stream.write_all(request.as_bytes()).await.unwrap();
@@ -455,22 +478,22 @@ impl RawClient {
         let head = String::from_utf8_lossy(&buf[..end]).into_owned();
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         buf.drain(..end);
-        let mut c = Self {
+        Self {
             stream,
             buf,
             socket_id: String::new(),
-        };
-        let (op, payload) = c.next_frame().await.expect("no session envelope");
-        assert_eq!(op, 1);
-        let session: Value = serde_json::from_slice(&payload).unwrap();
-        c.socket_id = session["data"]["socketId"].as_str().unwrap().to_owned();
-        c
+        }
     }
 
     /// A final, masked client frame.
     pub fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        Self::fragment(true, opcode, payload)
+    }
+
+    /// A masked client frame, final or not (opcode 0 continues a fragmented message).
+    pub fn fragment(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
         let mask: [u8; 4] = rand::random();
-        let mut out = vec![0x80 | opcode];
+        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
         match payload.len() {
             n if n < 126 => out.push(0x80 | n as u8),
             n if n <= 0xFFFF => {
