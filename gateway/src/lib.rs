@@ -210,11 +210,12 @@ impl Gateway {
         )
     }
 
-    /// The status page at `/` (empty when `--status-page off`). [`serve_gateway`] mounts it on the
-    /// main address; [`Gateway::router`] leaves it out, so that an application embedding the
-    /// gateway keeps its own `/` (merge this router to add the page).
+    /// The status page at `/` (empty when `--status-page off`, or when `--ws-path /` gives `/`
+    /// to the WebSocket endpoint). [`serve_gateway`] mounts it on the main address;
+    /// [`Gateway::router`] leaves it out, so that an application embedding the gateway keeps its
+    /// own `/` (merge this router to add the page).
     pub fn status_router(&self) -> axum::Router {
-        if self.config.status_page.is_on() {
+        if self.config.status_page.is_on() && self.config.ws_path != "/" {
             status_page::router(&self.config.ws_path)
         } else {
             axum::Router::new()

@@ -143,3 +143,17 @@ async fn with_a_separate_metrics_address_the_page_stays_on_the_main_one() {
     assert_eq!(ops.get("/metrics").send().await.unwrap().status(), 200);
     assert_eq!(ops.get("/").send().await.unwrap().status(), 404);
 }
+
+#[tokio::test]
+async fn with_the_websocket_endpoint_at_the_root_there_is_no_page_and_no_clash() {
+    // `--ws-path /` gives `/` to WebSocket upgrades: the gateway starts (no route clash) and a
+    // plain GET gets no page.
+    let gw = TestGateway::start(&["--ws-path", "/"]).await;
+    let answer = gw.http().get("/").send().await.unwrap();
+    assert_ne!(
+        answer.headers().get("content-type").map(|v| v.as_bytes()),
+        Some(&b"text/html; charset=utf-8"[..])
+    );
+    let upgraded = tokio_tungstenite::connect_async(format!("ws://{}/", gw.addr)).await;
+    assert!(upgraded.is_ok(), "{upgraded:?}");
+}
