@@ -173,6 +173,26 @@ pub struct Config {
     #[arg(long, env = "WSGATE_CLOSE_TIMEOUT_MS", default_value_t = DEFAULT_CLOSE_TIMEOUT_MS, value_name = "MS")]
     pub close_timeout_ms: u64,
 
+    /// Topics that keep a message history, so that clients can recover what they missed and
+    /// replicas cut off from Redis fill their gap: comma-separated exact names (`news`),
+    /// prefixes (`orders:*`) or `*` (default: none).
+    #[arg(
+        long,
+        env = "WSGATE_HISTORY_TOPICS",
+        default_value = "",
+        value_name = "PATTERNS"
+    )]
+    pub history_topics: String,
+
+    /// Messages kept per history topic.
+    #[arg(long, env = "WSGATE_HISTORY_SIZE", default_value_t = crate::history::DEFAULT_SIZE, value_name = "N")]
+    pub history_size: usize,
+
+    /// Seconds a history message is kept (a topic's history also expires this long after its
+    /// last message).
+    #[arg(long, env = "WSGATE_HISTORY_TTL_SECS", default_value_t = crate::history::DEFAULT_TTL_SECS, value_name = "SECS")]
+    pub history_ttl_secs: u64,
+
     /// The built-in status page at `/` on --listen (live stats and a try-it panel).
     #[arg(long, env = "WSGATE_STATUS_PAGE", value_enum, default_value_t = Switch::On, value_name = "on|off")]
     pub status_page: Switch,
@@ -317,6 +337,20 @@ impl Config {
                 "must differ from --listen",
             ));
         }
+        crate::history::Patterns::parse(&self.history_topics)
+            .map_err(|e| invalid("--history-topics (WSGATE_HISTORY_TOPICS)", e))?;
+        if !(1..=crate::history::MAX_SIZE).contains(&self.history_size) {
+            return Err(invalid(
+                "--history-size (WSGATE_HISTORY_SIZE)",
+                format!("must be 1..={}", crate::history::MAX_SIZE),
+            ));
+        }
+        if !(1..=7 * 24 * 3600).contains(&self.history_ttl_secs) {
+            return Err(invalid(
+                "--history-ttl-secs (WSGATE_HISTORY_TTL_SECS)",
+                "must be 1..=604800 (a week)",
+            ));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
             return Err(invalid(
                 "--log (WSGATE_LOG)",
@@ -333,6 +367,22 @@ impl Config {
     pub fn key_prefix(&self) -> Result<KeyPrefix, Error> {
         KeyPrefix::new(&self.key_prefix)
             .map_err(|e| invalid("--key-prefix (WSGATE_KEY_PREFIX)", e.to_string()))
+    }
+
+    /// The history settings, when some topics keep one.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the patterns are invalid.
+    pub fn history(&self) -> Result<Option<crate::history::HistorySettings>, Error> {
+        let patterns = crate::history::Patterns::parse(&self.history_topics)
+            .map_err(|e| invalid("--history-topics (WSGATE_HISTORY_TOPICS)", e))?;
+        Ok(
+            (!patterns.is_empty()).then(|| crate::history::HistorySettings {
+                patterns,
+                size: self.history_size,
+                ttl: Duration::from_secs(self.history_ttl_secs),
+            }),
+        )
     }
 
     /// Broker connect timeout.
@@ -380,6 +430,14 @@ mod tests {
         assert_eq!(cfg.connect_timeout_ms, 2000);
         assert!(cfg.redis_url.is_none());
         assert_eq!(cfg.status_page, Switch::On);
+        assert!(cfg.history().unwrap().is_none());
+        let h = parse(&["--history-topics", "news,orders:*"])
+            .unwrap()
+            .history()
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.size, h.ttl.as_secs()), (100, 300));
+        assert!(h.patterns.matches("orders:7") && !h.patterns.matches("other"));
     }
 
     #[test]
@@ -422,6 +480,12 @@ mod tests {
             (&["--ws-path", "ws"], "--ws-path"),
             (&["--log", "[[["], "--log"),
             (&["--status-page", "yes"], "--status-page"),
+            (&["--history-topics", "a b"], "--history-topics"),
+            (&["--history-topics", "a*b"], "--history-topics"),
+            (&["--history-size", "0"], "--history-size"),
+            (&["--history-size", "100001"], "--history-size"),
+            (&["--history-ttl-secs", "0"], "--history-ttl-secs"),
+            (&["--history-ttl-secs", "604801"], "--history-ttl-secs"),
             (&["--no-such-flag"], "--no-such-flag"),
         ];
         for (args, setting) in cases {

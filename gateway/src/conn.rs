@@ -23,10 +23,11 @@ use tokio::net::TcpStream;
 use crate::broker::{BrokerError, Message};
 use crate::error::{ApiError, ClientError};
 use crate::frame::{self, FrameReader, Inbound, close_code};
+use crate::history::{Recovery, RecoveryFailure};
 use crate::hub::{Conn, Hub, Slot};
 use crate::metrics::CloseReason;
 use crate::outbox::Push;
-use crate::protocol::{self, Command};
+use crate::protocol::{self, Command, JoinPosition};
 use crate::types::{Channel, SocketId};
 
 /// How much a read asks for at a time. The buffer exists only while bytes are being parsed.
@@ -501,6 +502,64 @@ impl Session<'_> {
         std::ops::ControlFlow::Continue(())
     }
 
+    /// A join with `since`: subscribe (live messages wait), pass the join barrier, read the
+    /// history, then send the acknowledgement, what was missed and what waited, in order.
+    ///
+    /// Why nothing is lost or doubled at the seam: the history is read only after the
+    /// subscription is confirmed, so every message after what the read returns arrives live;
+    /// live messages that the read also returned are recognised by their position and skipped.
+    async fn join_positioned(
+        &mut self,
+        topic: crate::types::Topic,
+        id: Option<protocol::AckId>,
+        position: JoinPosition,
+    ) {
+        let positioned = match self.hub.join_positioned(self.conn, &topic) {
+            Ok(Some(p)) => p,
+            Ok(None) => return,
+            Err(e) => return self.error(&e, id.as_ref()),
+        };
+        let broker = self.hub.broker().clone();
+        let since = match &position {
+            JoinPosition::Since(s) => Some(s),
+            _ => None,
+        };
+        if let Err(e) = broker.confirmed(&Channel::Topic(topic.clone())).await {
+            self.hub.finish_recovery(
+                &positioned,
+                None,
+                &Recovery::failed(RecoveryFailure::Unavailable),
+            );
+            if since.is_some() {
+                self.hub
+                    .metrics()
+                    .broker
+                    .history
+                    .recovery_failed(RecoveryFailure::Unavailable);
+            }
+            return self.error(&unconfirmed(e), id.as_ref());
+        }
+        let recovery = broker.recover(&topic, since).await;
+        let history = &self.hub.metrics().broker.history;
+        match recovery.outcome {
+            Ok(()) => {
+                history.recoveries.inc();
+                history.recovered.inc_by(recovery.entries.len() as u64);
+            }
+            Err(Some(why)) if since.is_some() => history.recovery_failed(why),
+            Err(_) => {}
+        }
+        let ack = id.map(|id| {
+            protocol::recovery_ack_frame(
+                &topic,
+                &id,
+                recovery.outcome.is_ok(),
+                recovery.top.as_ref(),
+            )
+        });
+        self.hub.finish_recovery(&positioned, ack, &recovery);
+    }
+
     async fn on_text(&mut self, text: &[u8]) {
         let command = match protocol::parse_command(text) {
             Ok(c) => c,
@@ -511,7 +570,11 @@ impl Session<'_> {
                 .hub
                 .send_control(self.conn, Bytes::from_static(PONG_FRAME)),
             Command::Heartbeat => {}
-            Command::Join { topic, id } => {
+            Command::Join {
+                topic,
+                id,
+                position: JoinPosition::Plain,
+            } => {
                 if let Err(e) = self.hub.join(self.conn, &topic) {
                     return self.error(&e, id.as_ref());
                 }
@@ -522,15 +585,14 @@ impl Session<'_> {
                     Ok(()) => self
                         .hub
                         .send_control(self.conn, protocol::ack_frame(true, &topic, &id)),
-                    Err(e) => {
-                        let msg = match e {
-                            BrokerError::Timeout => "subscription not confirmed in time".to_owned(),
-                            other => other.to_string(),
-                        };
-                        self.error(&ClientError::Broker(msg), Some(&id));
-                    }
+                    Err(e) => self.error(&unconfirmed(e), Some(&id)),
                 }
             }
+            Command::Join {
+                topic,
+                id,
+                position,
+            } => self.join_positioned(topic, id, position).await,
             Command::Leave { topic, id } => {
                 self.hub.leave(self.conn, &topic);
                 if let Some(id) = id {
@@ -540,6 +602,14 @@ impl Session<'_> {
             }
         }
     }
+}
+
+/// The client error for a join the broker did not confirm.
+fn unconfirmed(e: BrokerError) -> ClientError {
+    ClientError::Broker(match e {
+        BrokerError::Timeout => "subscription not confirmed in time".to_owned(),
+        other => other.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -63,6 +63,8 @@ pub enum ClientError {
     RateLimited(u32),
     #[error("joined on this instance, but the broker did not confirm the subscription: {0}")]
     Broker(String),
+    #[error("\"since\" must be {{}} or {{\"offset\":<integer>,\"epoch\":\"<epoch>\"}}")]
+    InvalidSince,
 }
 
 impl ClientError {
@@ -81,6 +83,7 @@ impl ClientError {
             ClientError::UnsupportedBinary => "unsupported_binary",
             ClientError::RateLimited(_) => "rate_limited",
             ClientError::Broker(_) => "broker_unavailable",
+            ClientError::InvalidSince => "invalid_since",
         }
     }
 
@@ -98,6 +101,7 @@ impl ClientError {
         "unsupported_binary",
         "rate_limited",
         "broker_unavailable",
+        "invalid_since",
     ];
 }
 

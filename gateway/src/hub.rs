@@ -23,6 +23,7 @@ use serde_json::json;
 use crate::broker::{Broker, BrokerError, Message, Sink};
 use crate::error::ClientError;
 use crate::frame;
+use crate::history::{Position, Recovery};
 use crate::metrics::{CloseReason, Metrics};
 use crate::outbox::{Kind, Outbox, Push, QueueLimits};
 use crate::types::{Channel, SocketId, Topic};
@@ -80,9 +81,80 @@ impl Conn {
     }
 }
 
+/// A topic's local subscribers.
+#[derive(Default)]
+struct Subscribers {
+    /// Joined without `since`: the seed's plain frames.
+    plain: Vec<Arc<Conn>>,
+    /// Joined with `since`: positioned envelopes, after recovering what they missed.
+    positioned: Vec<Arc<Positioned>>,
+}
+
+impl Subscribers {
+    fn len(&self) -> usize {
+        self.plain.len() + self.positioned.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.plain.is_empty() && self.positioned.is_empty()
+    }
+
+    /// Takes `conn` out, whichever way it joined. Returns whether it was there.
+    fn remove(&mut self, conn: &Arc<Conn>) -> bool {
+        if let Some(i) = self.plain.iter().position(|c| Arc::ptr_eq(c, conn)) {
+            self.plain.swap_remove(i);
+            return true;
+        }
+        if let Some(i) = self
+            .positioned
+            .iter()
+            .position(|p| Arc::ptr_eq(&p.conn, conn))
+        {
+            let p = self.positioned.swap_remove(i);
+            p.state().removed = true;
+            return true;
+        }
+        false
+    }
+}
+
+/// A connection that joined a topic with `since`.
+///
+/// While its recovery is read, live messages of the topic wait here; [`Hub::finish_recovery`]
+/// then sends the acknowledgement, the recovered messages and the waiting ones, skipping any
+/// that recovery already gave (by position), all under this state's lock so that nothing
+/// delivered meanwhile can overtake them.
+pub struct Positioned {
+    conn: Arc<Conn>,
+    topic: Topic,
+    state: Mutex<PositionedState>,
+}
+
+#[derive(Default)]
+struct PositionedState {
+    /// `Some` while recovering: live messages waiting (`None` position: a message without one,
+    /// e.g. from a seed instance).
+    waiting: Option<Vec<(Option<Position>, Message)>>,
+    /// More messages waited than the outbound queue may hold: the connection is closed when
+    /// the recovery ends (it reconnects and recovers again).
+    overflowed: bool,
+    /// The last position sent: never send it, or an earlier one, again.
+    last: Option<Position>,
+    /// Left the topic (or joined it again): send nothing more.
+    removed: bool,
+}
+
+impl Positioned {
+    fn state(&self) -> MutexGuard<'_, PositionedState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+type TopicShard = RwLock<HashMap<Topic, Subscribers>>;
+
 struct Shared {
     conns: Vec<RwLock<HashMap<SocketId, Arc<Conn>>>>,
-    topics: Vec<RwLock<HashMap<Topic, Vec<Arc<Conn>>>>>,
+    topics: Vec<TopicShard>,
     hasher: RandomState,
     /// Open connections; also decides the broadcast channel's edges.
     members: Mutex<usize>,
@@ -166,7 +238,7 @@ impl Hub {
         &self.shared.conns[(id.as_u128() as usize) % SHARDS]
     }
 
-    fn topic_shard(&self, topic: &Topic) -> &RwLock<HashMap<Topic, Vec<Arc<Conn>>>> {
+    fn topic_shard(&self, topic: &Topic) -> &TopicShard {
         let h = self.shared.hasher.hash_one(topic.as_str());
         &self.shared.topics[(h as usize) % SHARDS]
     }
@@ -301,12 +373,18 @@ impl Hub {
             return Err(ClientError::TooManyTopics(max));
         }
         t.joined.insert(topic.clone());
+        self.add_subscriber(topic, |subs| subs.plain.push(conn.clone()));
+        Ok(true)
+    }
+
+    /// Adds a subscriber to `topic` with `add`, reporting the topic's first-subscriber edge.
+    fn add_subscriber(&self, topic: &Topic, add: impl FnOnce(&mut Subscribers)) {
         {
             let mut shard = write(self.topic_shard(topic));
             match shard.entry(topic.clone()) {
-                Entry::Occupied(mut e) => e.get_mut().push(conn.clone()),
+                Entry::Occupied(mut e) => add(e.get_mut()),
                 Entry::Vacant(e) => {
-                    e.insert(vec![conn.clone()]);
+                    add(e.insert(Subscribers::default()));
                     self.shared.topic_count.fetch_add(1, Ordering::Relaxed);
                     self.shared.metrics.topics.inc();
                     self.shared
@@ -317,7 +395,95 @@ impl Hub {
         }
         self.shared.subscriptions.fetch_add(1, Ordering::Relaxed);
         self.shared.metrics.subscriptions.inc();
-        Ok(true)
+    }
+
+    /// Subscribes `conn` to `topic` for positioned envelopes, recovering: live messages wait
+    /// until [`Hub::finish_recovery`]. A connection that had joined already is switched over
+    /// (it stays subscribed throughout). `None` when the connection is gone.
+    ///
+    /// # Errors
+    /// [`ClientError::TooManyTopics`] at the per-connection limit.
+    pub fn join_positioned(
+        &self,
+        conn: &Arc<Conn>,
+        topic: &Topic,
+    ) -> Result<Option<Arc<Positioned>>, ClientError> {
+        let mut t = conn.topics();
+        if t.gone {
+            return Ok(None);
+        }
+        let positioned = Arc::new(Positioned {
+            conn: conn.clone(),
+            topic: topic.clone(),
+            state: Mutex::new(PositionedState {
+                waiting: Some(Vec::new()),
+                ..PositionedState::default()
+            }),
+        });
+        if t.joined.contains(topic) {
+            let mut shard = write(self.topic_shard(topic));
+            if let Some(subs) = shard.get_mut(topic) {
+                subs.remove(conn);
+                subs.positioned.push(positioned.clone());
+            }
+            return Ok(Some(positioned));
+        }
+        let max = self.shared.limits.max_topics_per_connection;
+        if t.joined.len() >= max {
+            return Err(ClientError::TooManyTopics(max));
+        }
+        t.joined.insert(topic.clone());
+        self.add_subscriber(topic, |subs| subs.positioned.push(positioned.clone()));
+        Ok(Some(positioned))
+    }
+
+    /// Ends a recovery: sends `ack` (if any), the recovered messages, then the live ones that
+    /// waited — each position once, in order — and from then on delivers live. A connection
+    /// that fell too far behind meanwhile is closed as a slow consumer instead.
+    pub fn finish_recovery(
+        &self,
+        positioned: &Positioned,
+        ack: Option<Bytes>,
+        recovery: &Recovery,
+    ) {
+        let conn = &positioned.conn;
+        let limits = &self.shared.limits.queue;
+        let m = &self.shared.metrics;
+        let mut st = positioned.state();
+        let waiting = st.waiting.take().unwrap_or_default();
+        if st.overflowed {
+            conn.outbox.close(
+                frame::close_code::TRY_AGAIN_LATER,
+                "too far behind while recovering",
+                CloseReason::SlowConsumer,
+                false,
+            );
+            return;
+        }
+        if let Some(ack) = ack {
+            conn.outbox.push(ack, Kind::Control, limits, m);
+        }
+        if st.removed {
+            return;
+        }
+        let sent = recovery.entries.iter().map(|(p, msg)| (Some(p), msg));
+        let waited = waiting.iter().map(|(p, msg)| (p.as_ref(), msg));
+        for (p, msg) in sent.chain(waited) {
+            let frame = match p {
+                Some(p) => {
+                    if st.last.as_ref().is_some_and(|last| !p.is_after(last)) {
+                        continue;
+                    }
+                    st.last = Some(p.clone());
+                    crate::protocol::positioned_frame(&positioned.topic, p, msg)
+                }
+                None => Lazy::of(msg).map_or_else(Bytes::new, |l| l.encode()),
+            };
+            if frame.is_empty() {
+                continue;
+            }
+            conn.outbox.push(frame, Kind::Data, limits, m);
+        }
     }
 
     /// Unsubscribes `conn` from `topic`. Returns whether it had joined.
@@ -346,10 +512,9 @@ impl Hub {
         let Some(subs) = shard.get_mut(topic) else {
             return;
         };
-        let Some(pos) = subs.iter().position(|c| Arc::ptr_eq(c, conn)) else {
+        if !subs.remove(conn) {
             return;
-        };
-        subs.swap_remove(pos);
+        }
         if subs.is_empty() {
             shard.remove(topic);
             self.shared.topic_count.fetch_sub(1, Ordering::Relaxed);
@@ -378,7 +543,9 @@ impl Hub {
 
     /// Local subscribers of `topic`.
     pub fn subscriber_count(&self, topic: &Topic) -> usize {
-        read(self.topic_shard(topic)).get(topic).map_or(0, Vec::len)
+        read(self.topic_shard(topic))
+            .get(topic)
+            .map_or(0, Subscribers::len)
     }
 
     /// Topics with at least one local subscriber.
@@ -641,25 +808,89 @@ impl Hub {
     }
 }
 
-impl Sink for Hub {
-    fn deliver(&self, channel: &Channel, message: Message) {
-        let frame = match message {
-            Message::Disconnect => {
-                if let Channel::Socket(id) = channel {
-                    self.disconnect(*id);
-                }
+impl Hub {
+    /// Offers a message to a positioned subscriber: it waits while the subscriber recovers,
+    /// is skipped when its position was sent already, and is pushed otherwise.
+    fn offer(
+        &self,
+        sub: &Positioned,
+        position: Option<&Position>,
+        message: &Message,
+        frame: &mut impl FnMut() -> Bytes,
+    ) {
+        let mut guard = sub.state();
+        let st = &mut *guard;
+        if st.removed {
+            return;
+        }
+        if let Some(waiting) = &mut st.waiting {
+            if st.overflowed {
                 return;
             }
-            Message::Text(b) => Lazy::Text(b),
-            Message::Binary(b) => Lazy::Binary(b),
+            if waiting.len() >= self.shared.limits.queue.max_messages {
+                st.overflowed = true;
+                waiting.clear();
+                return;
+            }
+            waiting.push((position.cloned(), message.clone()));
+            return;
+        }
+        if let Some(p) = position {
+            if st.last.as_ref().is_some_and(|last| !p.is_after(last)) {
+                return;
+            }
+            st.last = Some(p.clone());
+        }
+        let limits = &self.shared.limits.queue;
+        sub.conn
+            .outbox
+            .push(frame(), Kind::Data, limits, &self.shared.metrics);
+    }
+}
+
+impl Sink for Hub {
+    fn deliver(&self, channel: &Channel, message: Message, position: Option<&Position>) {
+        let Some(frame) = Lazy::of(&message) else {
+            if let Channel::Socket(id) = channel {
+                self.disconnect(*id);
+            }
+            return;
         };
         match channel {
             Channel::Topic(topic) => {
                 let shard = read(self.topic_shard(topic));
                 if let Some(subs) = shard.get(topic) {
-                    let frame = frame.encode();
                     let direct = self.direct_fanout(subs.len());
-                    self.push_all(subs.iter(), &frame, direct);
+                    let mut plain = None;
+                    let mut plain_frame = || plain.get_or_insert_with(|| frame.encode()).clone();
+                    if !subs.plain.is_empty() {
+                        let f = plain_frame();
+                        self.push_all(subs.plain.iter(), &f, direct);
+                    }
+                    if !subs.positioned.is_empty() {
+                        match position {
+                            Some(p) => {
+                                let mut enveloped = None;
+                                let mut positioned_frame = || {
+                                    enveloped
+                                        .get_or_insert_with(|| {
+                                            crate::protocol::positioned_frame(topic, p, &message)
+                                        })
+                                        .clone()
+                                };
+                                for sub in &subs.positioned {
+                                    self.offer(sub, position, &message, &mut positioned_frame);
+                                }
+                            }
+                            // Without a position (a topic with no history, or a message from
+                            // a seed instance), positioned subscribers get the plain frame.
+                            None => {
+                                for sub in &subs.positioned {
+                                    self.offer(sub, None, &message, &mut plain_frame);
+                                }
+                            }
+                        }
+                    }
                 }
             }
             Channel::Socket(id) => {
@@ -686,6 +917,15 @@ enum Lazy {
 }
 
 impl Lazy {
+    /// The payload of a data message (`None` for a control message).
+    fn of(message: &Message) -> Option<Self> {
+        match message {
+            Message::Text(b) => Some(Lazy::Text(b.clone())),
+            Message::Binary(b) => Some(Lazy::Binary(b.clone())),
+            Message::Disconnect => None,
+        }
+    }
+
     fn encode(&self) -> Bytes {
         match self {
             Lazy::Text(b) => frame::text(b),

@@ -13,6 +13,7 @@
 //! - [`outbox`]: each connection's bounded queue and single writer.
 //! - [`conn`]: the WebSocket handshake and a connection's reader loop.
 //! - [`broker`]: the broker seam and the in-process broker.
+//! - [`history`]: message history (offsets, epochs) and recovery.
 //! - [`api`]: HTTP routes (WebSocket, `/api/*`, metrics and probes).
 //! - [`server`]: the accept loop.
 //! - [`status_page`]: the built-in status page at `/`.
@@ -53,6 +54,7 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod frame;
+pub mod history;
 pub mod hub;
 pub mod metrics;
 pub mod outbox;
@@ -113,8 +115,9 @@ impl Gateway {
         config.validate()?;
         let key_prefix = config.key_prefix()?;
         let metrics = Metrics::new();
+        let history = config.history()?;
         let broker: Arc<dyn Broker> = match &config.redis_url {
-            None => Arc::new(MemoryBroker::new(metrics.broker.clone())),
+            None => Arc::new(MemoryBroker::new(metrics.broker.clone()).with_history(history)),
             Some(url) => {
                 let ca_pem = match &config.redis_ca_file {
                     None => None,
@@ -125,6 +128,7 @@ impl Gateway {
                 };
                 let settings = broker::redis::RedisSettings {
                     ca_pem,
+                    history,
                     url: url.clone(),
                     key_prefix: key_prefix.clone(),
                     timeout: config.connect_timeout(),

@@ -104,6 +104,39 @@ pub struct BrokerMetrics {
     pub rejected: IntCounter,
     /// `wsgate_broker_subscribe_failures_total`.
     pub subscribe_failures: IntCounter,
+    /// Message history and recovery.
+    pub history: HistoryMetrics,
+}
+
+/// Metrics of message history and recovery (DESIGN §9).
+#[derive(Clone)]
+pub struct HistoryMetrics {
+    /// `wsgate_history_recoveries_total`: joins with `since` that got everything missed.
+    pub recoveries: IntCounter,
+    /// `wsgate_history_recovered_messages_total`.
+    pub recovered: IntCounter,
+    /// `wsgate_history_recovery_failures_total{reason}`.
+    failures: IntCounterVec,
+    /// `wsgate_history_gap_filled_messages_total`: messages this replica missed while cut off
+    /// from the broker and delivered from the history once back.
+    pub gap_filled: IntCounter,
+    /// `wsgate_history_gap_fill_failures_total`: topics whose gap could not be filled whole
+    /// (history lost or trimmed, or unreadable).
+    pub gap_fill_failures: IntCounter,
+    /// `wsgate_history_bytes`: bytes the history of this instance's topics takes in the broker.
+    pub bytes: IntGauge,
+}
+
+impl HistoryMetrics {
+    /// Counts a recovery that did not give the client everything it missed.
+    pub fn recovery_failed(&self, why: crate::history::RecoveryFailure) {
+        self.failures.with_label_values(&[why.label()]).inc();
+    }
+
+    /// Failed recoveries for one reason (for tests).
+    pub fn failures(&self, why: crate::history::RecoveryFailure) -> u64 {
+        self.failures.with_label_values(&[why.label()]).get()
+    }
 }
 
 /// Every gateway metric, registered in one registry.
@@ -140,6 +173,12 @@ pub const DOCUMENTED: &[&str] = &[
     "wsgate_broker_channels",
     "wsgate_broker_payloads_rejected_total",
     "wsgate_broker_subscribe_failures_total",
+    "wsgate_history_recoveries_total",
+    "wsgate_history_recovered_messages_total",
+    "wsgate_history_recovery_failures_total",
+    "wsgate_history_gap_filled_messages_total",
+    "wsgate_history_gap_fill_failures_total",
+    "wsgate_history_bytes",
     "wsgate_build_info",
 ];
 
@@ -187,6 +226,10 @@ impl Metrics {
         let r = Registry::new();
         let close_labels: Vec<&str> = CloseReason::ALL.iter().map(|r| r.label()).collect();
         let drop_labels: Vec<&str> = DropReason::ALL.iter().map(|r| r.label()).collect();
+        let recovery_labels: Vec<&str> = crate::history::RecoveryFailure::ALL
+            .iter()
+            .map(|r| r.label())
+            .collect();
         let build = IntGauge::with_opts(
             Opts::new("wsgate_build_info", "Build information; always 1.")
                 .const_label("version", VERSION),
@@ -276,6 +319,40 @@ impl Metrics {
                     "wsgate_broker_subscribe_failures_total",
                     "Broker subscribe attempts that failed after all retries.",
                 ),
+                history: HistoryMetrics {
+                    recoveries: counter(
+                        &r,
+                        "wsgate_history_recoveries_total",
+                        "Joins with a position that received every message missed since.",
+                    ),
+                    recovered: counter(
+                        &r,
+                        "wsgate_history_recovered_messages_total",
+                        "Messages sent to clients from the history when they recovered.",
+                    ),
+                    failures: counter_vec(
+                        &r,
+                        "wsgate_history_recovery_failures_total",
+                        "Joins with a position that could not recover, by reason.",
+                        "reason",
+                        &recovery_labels,
+                    ),
+                    gap_filled: counter(
+                        &r,
+                        "wsgate_history_gap_filled_messages_total",
+                        "Messages missed while cut off from the broker, delivered from the history once back.",
+                    ),
+                    gap_fill_failures: counter(
+                        &r,
+                        "wsgate_history_gap_fill_failures_total",
+                        "Topics whose missed messages could not all be read back after a broker outage.",
+                    ),
+                    bytes: gauge(
+                        &r,
+                        "wsgate_history_bytes",
+                        "Bytes the history of this instance's topics takes in the broker.",
+                    ),
+                },
             },
             registry: r,
         }

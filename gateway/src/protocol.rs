@@ -9,8 +9,10 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::broker::Message;
 use crate::error::ClientError;
 use crate::frame;
+use crate::history::{Position, Since, valid_epoch};
 use crate::types::{InvalidName, SocketId, Topic};
 
 /// The text frame a client sends as an application-level ping.
@@ -35,12 +37,51 @@ impl AckId {
 pub enum Command {
     /// `2`.
     Ping,
-    /// `{"type":"room.join","room":..}`.
-    Join { topic: Topic, id: Option<AckId> },
+    /// `{"type":"room.join","room":..}`, optionally with `"since"`.
+    Join {
+        topic: Topic,
+        id: Option<AckId>,
+        position: JoinPosition,
+    },
     /// `{"type":"room.leave","room":..}`.
     Leave { topic: Topic, id: Option<AckId> },
     /// `{"type":"heartbeat"}`.
     Heartbeat,
+}
+
+/// How a join positions the connection in the topic's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinPosition {
+    /// No `since`: the seed's plain frames, no history.
+    Plain,
+    /// `"since":{}`: positioned envelopes from now on, nothing to recover.
+    Fresh,
+    /// `"since":{"offset":..,"epoch":..}`: recover what came after, then positioned envelopes.
+    Since(Since),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSince {
+    offset: Option<u64>,
+    epoch: Option<String>,
+}
+
+fn parse_since(raw: Option<&RawValue>) -> Result<JoinPosition, ClientError> {
+    let Some(raw) = raw else {
+        return Ok(JoinPosition::Plain);
+    };
+    if raw.get() == "null" {
+        return Ok(JoinPosition::Plain);
+    }
+    let since: RawSince = serde_json::from_str(raw.get()).map_err(|_| ClientError::InvalidSince)?;
+    match (since.offset, since.epoch) {
+        (None, None) => Ok(JoinPosition::Fresh),
+        (Some(offset), Some(epoch)) if valid_epoch(&epoch) => {
+            Ok(JoinPosition::Since(Since { offset, epoch }))
+        }
+        _ => Err(ClientError::InvalidSince),
+    }
 }
 
 #[derive(Deserialize)]
@@ -51,6 +92,8 @@ struct RawCommand<'a> {
     room: Option<&'a RawValue>,
     #[serde(borrow)]
     id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    since: Option<&'a RawValue>,
 }
 
 /// A command that could not be accepted, with the ack id when one could be read.
@@ -110,7 +153,12 @@ pub fn parse_command(text: &[u8]) -> Result<Command, Rejected> {
                 Err(e) => return Err(reject(ClientError::InvalidTopic(e), id)),
             };
             Ok(if kind == "room.join" {
-                Command::Join { topic, id }
+                let position = parse_since(raw.since).map_err(|e| reject(e, id.clone()))?;
+                Command::Join {
+                    topic,
+                    id,
+                    position,
+                }
             } else {
                 Command::Leave { topic, id }
             })
@@ -161,6 +209,54 @@ pub fn ack_frame(joined: bool, topic: &Topic, id: &AckId) -> Bytes {
     )
 }
 
+/// The `room.joined` acknowledgement of a positioned join: whether everything missed follows
+/// (`recovered`), and the history's newest position when it was read (`offset` 0 and `epoch`
+/// null when the topic has no history yet).
+pub fn recovery_ack_frame(
+    topic: &Topic,
+    id: &AckId,
+    recovered: bool,
+    top: Option<&Position>,
+) -> Bytes {
+    let (offset, epoch) = match top {
+        // Epochs are checked tokens: no JSON escaping needed.
+        Some(p) => (p.offset, format!("\"{}\"", p.epoch)),
+        None => (0, "null".to_owned()),
+    };
+    envelope_frame(
+        "room.joined",
+        &format!(
+            "{{\"room\":\"{topic}\",\"id\":{},\"recovered\":{recovered},\"offset\":{offset},\"epoch\":{epoch}}}",
+            id.as_json()
+        ),
+    )
+}
+
+/// The positioned envelope a connection that joined with `since` receives for each message
+/// of that topic: `{"name":"room.message","data":{"room":..,"offset":..,"epoch":..,
+/// "message":<text, or base64 for binary>,"isBinary":bool},"timestamp":<ms>}`.
+pub fn positioned_frame(topic: &Topic, position: &Position, message: &Message) -> Bytes {
+    use base64::Engine;
+    let (text, is_binary) = match message {
+        Message::Text(b) => (json_string(&String::from_utf8_lossy(b)), false),
+        Message::Binary(b) => (
+            format!(
+                "\"{}\"",
+                base64::engine::general_purpose::STANDARD.encode(b)
+            ),
+            true,
+        ),
+        Message::Disconnect => (json_string(""), false),
+    };
+    envelope_frame(
+        "room.message",
+        &format!(
+            "{{\"room\":\"{topic}\",\"offset\":{},\"epoch\":\"{}\",\"message\":{text},\"isBinary\":{is_binary}}}",
+            position.offset, position.epoch
+        ),
+    )
+}
+
 /// The error envelope for a rejected command.
 pub fn error_frame(error: &ClientError, id: Option<&AckId>) -> Bytes {
     let mut data = format!(
@@ -195,7 +291,8 @@ mod tests {
             parse_command(br#"{"type":"room.join","room":"a:b","extra":[1,{"x":2}]}"#),
             Ok(Command::Join {
                 topic: topic("a:b"),
-                id: None
+                id: None,
+                position: JoinPosition::Plain,
             })
         );
         assert_eq!(
@@ -209,7 +306,8 @@ mod tests {
             parse_command(br#"{"id":"x-1","room":"a","type":"room.join"}"#),
             Ok(Command::Join {
                 topic: topic("a"),
-                id: Some(AckId("\"x-1\"".into()))
+                id: Some(AckId("\"x-1\"".into())),
+                position: JoinPosition::Plain,
             })
         );
     }
@@ -240,6 +338,110 @@ mod tests {
         assert_eq!(
             code(br#"{"type":"room.join","room":"a","id":{"x":1}}"#),
             "invalid_id"
+        );
+    }
+
+    #[test]
+    fn since_positions_a_join_or_is_refused_with_its_own_code() {
+        let position = |frame: &str| match parse_command(frame.as_bytes()) {
+            Ok(Command::Join { position, .. }) => Ok(position),
+            Ok(other) => panic!("{other:?}"),
+            Err(r) => Err((r.error.code(), r.id)),
+        };
+        assert_eq!(
+            position(r#"{"type":"room.join","room":"t","since":null}"#),
+            Ok(JoinPosition::Plain)
+        );
+        assert_eq!(
+            position(r#"{"type":"room.join","room":"t","since":{}}"#),
+            Ok(JoinPosition::Fresh)
+        );
+        assert_eq!(
+            position(r#"{"type":"room.join","room":"t","since":{"offset":42,"epoch":"e_1"}}"#),
+            Ok(JoinPosition::Since(Since {
+                offset: 42,
+                epoch: "e_1".into()
+            }))
+        );
+        for bad in [
+            r#""since":5"#,
+            r#""since":"x""#,
+            r#""since":[]"#,
+            r#""since":{"offset":1}"#,
+            r#""since":{"epoch":"e"}"#,
+            r#""since":{"offset":-1,"epoch":"e"}"#,
+            r#""since":{"offset":1.5,"epoch":"e"}"#,
+            r#""since":{"offset":"1","epoch":"e"}"#,
+            r#""since":{"offset":1,"epoch":""}"#,
+            r#""since":{"offset":1,"epoch":"a b"}"#,
+            r#""since":{"offset":1,"epoch":7}"#,
+            r#""since":{"offset":1,"epoch":"e","extra":1}"#,
+            r#""since":{"offset":1,"epoch":"e","__proto__":{}}"#,
+            r#""since":{"offset":99999999999999999999999,"epoch":"e"}"#,
+        ] {
+            let frame = format!(r#"{{"type":"room.join","room":"t","id":9,{bad}}}"#);
+            assert_eq!(
+                position(&frame),
+                Err(("invalid_since", Some(AckId("9".into())))),
+                "{bad}"
+            );
+        }
+        let long = format!(
+            r#"{{"type":"room.join","room":"t","since":{{"offset":1,"epoch":"{}"}}}}"#,
+            "e".repeat(65)
+        );
+        assert!(position(&long).is_err());
+        // `since` on a leave means nothing and is ignored, like any extra field.
+        assert!(parse_command(br#"{"type":"room.leave","room":"t","since":5}"#).is_ok());
+    }
+
+    #[test]
+    fn positioned_envelopes_and_recovery_acks_are_valid_json() {
+        // An unmasked server frame: 2 header bytes, plus 2 or 8 of extended length.
+        let json_of = |f: &Bytes| -> serde_json::Value {
+            let header = match f[1] & 0x7f {
+                126 => 4,
+                127 => 10,
+                _ => 2,
+            };
+            serde_json::from_slice(&f[header..]).unwrap()
+        };
+        let p = Position {
+            offset: 7,
+            epoch: "ep".into(),
+        };
+        let f = positioned_frame(&topic("t"), &p, &Message::Text(Bytes::from_static(b"a\"b")));
+        let v: serde_json::Value = json_of(&f);
+        assert_eq!(v["name"], "room.message");
+        assert_eq!(v["data"]["room"], "t");
+        assert_eq!(v["data"]["offset"], 7);
+        assert_eq!(v["data"]["epoch"], "ep");
+        assert_eq!(v["data"]["message"], "a\"b");
+        assert_eq!(v["data"]["isBinary"], false);
+        let f = positioned_frame(
+            &topic("t"),
+            &p,
+            &Message::Binary(Bytes::from_static(&[0, 255])),
+        );
+        let v: serde_json::Value = json_of(&f);
+        assert_eq!(
+            (
+                v["data"]["message"].as_str(),
+                v["data"]["isBinary"].as_bool()
+            ),
+            (Some("AP8="), Some(true))
+        );
+        let f = recovery_ack_frame(&topic("t"), &AckId("1".into()), true, Some(&p));
+        let v: serde_json::Value = json_of(&f);
+        assert_eq!(
+            v["data"],
+            serde_json::json!({"room":"t","id":1,"recovered":true,"offset":7,"epoch":"ep"})
+        );
+        let f = recovery_ack_frame(&topic("t"), &AckId("1".into()), false, None);
+        let v: serde_json::Value = json_of(&f);
+        assert_eq!(
+            v["data"],
+            serde_json::json!({"room":"t","id":1,"recovered":false,"offset":0,"epoch":null})
         );
     }
 
@@ -298,7 +500,7 @@ mod properties {
             prop_assume!(!crate::types::is_reserved(&topic));
             let frame = format!(r#"{{"type":"room.join","room":"{topic}","id":{id}}}"#);
             match parse_command(frame.as_bytes()) {
-                Ok(Command::Join { topic: t, id: Some(a) }) => {
+                Ok(Command::Join { topic: t, id: Some(a), position: JoinPosition::Plain }) => {
                     prop_assert_eq!(t.as_str(), topic.as_str());
                     prop_assert_eq!(a.as_json(), id.to_string());
                 }

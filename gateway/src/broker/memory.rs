@@ -5,13 +5,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde_json::json;
 
 use super::{BoxFuture, Broker, BrokerError, Message, Sink};
+use crate::history::{HistorySettings, MemoryHistory, Recovery, Since};
 use crate::metrics::BrokerMetrics;
-use crate::types::Channel;
+use crate::types::{Channel, Topic};
 
-/// Delivers every publish straight to the local hub.
+/// Delivers every publish straight to the local hub; history topics go through an in-process
+/// ring first.
 pub struct MemoryBroker {
     sink: Mutex<Option<Arc<dyn Sink>>>,
     metrics: BrokerMetrics,
+    history: Option<MemoryHistory>,
 }
 
 impl MemoryBroker {
@@ -20,7 +23,15 @@ impl MemoryBroker {
         Self {
             sink: Mutex::new(None),
             metrics,
+            history: None,
         }
+    }
+
+    /// The same, keeping a history of the topics `settings` names.
+    #[must_use]
+    pub fn with_history(mut self, settings: Option<HistorySettings>) -> Self {
+        self.history = settings.map(MemoryHistory::new);
+        self
     }
 
     fn sink(&self) -> Option<Arc<dyn Sink>> {
@@ -68,12 +79,38 @@ impl Broker for MemoryBroker {
     ) -> BoxFuture<'_, Result<(), BrokerError>> {
         let result = match self.sink() {
             Some(sink) => {
-                sink.deliver(channel, message);
+                match self
+                    .history
+                    .as_ref()
+                    .and_then(|h| Some((h, h.settings().topic(channel)?)))
+                {
+                    Some((history, topic)) => {
+                        history.append(topic, message, |m, p| {
+                            sink.deliver(channel, m, Some(p));
+                        });
+                        self.metrics.history.bytes.set(history.bytes());
+                    }
+                    None => sink.deliver(channel, message, None),
+                }
                 Ok(())
             }
             None => Err(BrokerError::Stopped),
         };
         Box::pin(async move { result })
+    }
+
+    fn history(&self) -> Option<&HistorySettings> {
+        self.history.as_ref().map(MemoryHistory::settings)
+    }
+
+    fn recover(&self, topic: &Topic, since: Option<&Since>) -> BoxFuture<'_, Recovery> {
+        let recovery = match &self.history {
+            Some(h) if h.settings().patterns.matches(topic.as_str()) => {
+                Recovery::decide(since, h.snapshot(topic))
+            }
+            _ => Recovery::failed(crate::history::RecoveryFailure::NoHistory),
+        };
+        Box::pin(async move { recovery })
     }
 
     fn is_up(&self) -> bool {

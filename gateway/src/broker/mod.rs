@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::types::Channel;
+use crate::history::{HistorySettings, Position, Recovery, RecoveryFailure, Since};
+use crate::types::{Channel, Topic};
 
 pub mod memory;
 pub mod redis;
@@ -69,8 +70,9 @@ pub enum BrokerError {
 
 /// Receives messages arriving from the broker and delivers them to local connections.
 pub trait Sink: Send + Sync + 'static {
-    /// Delivers `message` to every local subscriber of `channel`.
-    fn deliver(&self, channel: &Channel, message: Message);
+    /// Delivers `message` to every local subscriber of `channel`. Messages of a history topic
+    /// carry their `position`, and arrive in offset order, each once.
+    fn deliver(&self, channel: &Channel, message: Message, position: Option<&Position>);
 }
 
 /// A message transport between gateway instances.
@@ -97,6 +99,19 @@ pub trait Broker: Send + Sync + 'static {
         channel: &Channel,
         message: Message,
     ) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// The history settings, when some topics keep a history.
+    fn history(&self) -> Option<&HistorySettings> {
+        None
+    }
+
+    /// Reads `topic`'s history for a client positioned at `since` (see [`Recovery::decide`]).
+    /// Call it once the topic's channel is [`confirmed`](Broker::confirmed): every message
+    /// after what it returns then arrives live.
+    fn recover(&self, topic: &Topic, since: Option<&Since>) -> BoxFuture<'_, Recovery> {
+        let _ = (topic, since);
+        Box::pin(async { Recovery::failed(RecoveryFailure::NoHistory) })
+    }
 
     /// Whether the broker is connected and able to deliver.
     fn is_up(&self) -> bool;

@@ -12,6 +12,13 @@
 //! dropped and a fresh one resubscribes the wanted set in batches: Redis forgets a closed
 //! connection's subscriptions, so nothing is orphaned and nothing is missed.
 //!
+//! History topics (DESIGN §9) append to a stream, `{prefix}:__history__:{topic}`, and publish
+//! in one Lua script, which also keeps the topic's position (`{prefix}:__history_meta__:{topic}`:
+//! its epoch and last offset) so that every message gets the next offset. The subscriber keeps,
+//! per history channel, the last position it delivered; after a reconnect, before it delivers
+//! anything live, it reads each stream from there and delivers what it missed ("gap fill"),
+//! dropping live messages whose position it already delivered.
+//!
 //! Replicas announce themselves on `{prefix}:__replicas__` twice a second, and at once when
 //! their subscriber is back after a reconnect. A replica that lost Redis refuses to publish,
 //! once it is back, until every replica it heard from before the outage has announced itself
@@ -33,8 +40,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant as Deadline;
 
 use super::{BoxFuture, Broker, BrokerError, Message, Sink, wire};
+use crate::history::{
+    HistorySettings, Position, Recovery, RecoveryFailure, Since, Snapshot, new_epoch, valid_epoch,
+};
 use crate::metrics::{BrokerMetrics, DropReason, Metrics};
-use crate::types::{Channel, KeyPrefix};
+use crate::types::{Channel, KeyPrefix, Topic};
 
 /// Most channels in one SUBSCRIBE/UNSUBSCRIBE.
 pub const BATCH: usize = 1000;
@@ -65,6 +75,79 @@ pub struct RedisSettings {
     pub max_payload: usize,
     /// PEM root certificates for `rediss://` (default: the system's).
     pub ca_pem: Option<Vec<u8>>,
+    /// Topics that keep a history, and how much of it.
+    pub history: Option<HistorySettings>,
+}
+
+/// How much longer than its messages a topic's position (epoch and last offset) is kept, so
+/// that a client caught up with a topic that went quiet still recovers (with nothing to send)
+/// after the messages themselves expired.
+const POSITION_TTL_FACTOR: u32 = 10;
+/// History streams read at a time during a gap fill.
+const GAP_FILL_CONCURRENCY: usize = 32;
+/// History streams measured per `wsgate_history_bytes` update.
+const MEASURED_STREAMS: usize = 1000;
+/// Heartbeats between two `wsgate_history_bytes` updates.
+const MEASURE_EVERY: u32 = 20;
+
+/// Appends one message to a topic's history and publishes it, in one atomic step.
+/// KEYS: the stream, the position hash. ARGV: the channel, the envelope without its closing
+/// brace, messages kept, ms kept, ms the position is kept, a fresh epoch (used when the
+/// position is missing or not one we wrote).
+const APPEND_AND_PUBLISH: &str = r#"
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+local last = redis.call('HGET', KEYS[2], 'offset')
+if not epoch or #epoch > 64 or not string.match(epoch, '^[%w_%-]+$')
+   or (last and not string.match(last, '^%d+$')) then
+  epoch = ARGV[6]
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('HSET', KEYS[2], 'epoch', epoch)
+end
+local offset = redis.call('HINCRBY', KEYS[2], 'offset', 1)
+local envelope = ARGV[2] .. ',"offset":' .. string.format('%d', offset) .. ',"epoch":"' .. epoch .. '"}'
+local now = redis.call('TIME')
+local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[4])
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'o', offset, 'm', envelope)
+if cutoff > 0 then
+  redis.call('XTRIM', KEYS[1], 'MINID', cutoff)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PUBLISH', ARGV[1], envelope)
+return offset
+"#;
+
+/// Reads a topic's position and its newest messages: those after ARGV[1] when ARGV[2] is the
+/// current epoch, else (unless ARGV[4] is 1) the whole history; at most ARGV[3]. KEYS: the
+/// stream, the position.
+/// Answers `{}` when there is no position, else `{epoch, offset, entries newest first}`.
+const READ_HISTORY: &str = r#"
+local meta = redis.call('HMGET', KEYS[2], 'epoch', 'offset')
+if not meta[1] then
+  return {}
+end
+local want = tonumber(ARGV[3])
+if meta[1] == ARGV[2] then
+  local behind = (tonumber(meta[2]) or 0) - tonumber(ARGV[1])
+  if behind < want then
+    want = behind
+  end
+elseif ARGV[4] == '1' then
+  want = 0
+end
+local entries = {}
+if want > 0 then
+  entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', want)
+end
+return {meta[1], meta[2] or '0', entries}
+"#;
+
+/// The last position delivered on a history channel, or read when it was subscribed.
+#[derive(Debug, Clone)]
+struct Cursor {
+    position: Position,
+    /// Delivered (later copies are duplicates), not merely read as the starting point.
+    delivered: bool,
 }
 
 #[derive(Default)]
@@ -77,6 +160,10 @@ struct ChanState {
     failed: bool,
     /// Join acknowledgements waiting for `active`.
     waiters: Vec<oneshot::Sender<Result<(), BrokerError>>>,
+    /// The topic, when it keeps a history.
+    history: Option<Topic>,
+    /// Where delivery stands on a history channel (for the gap fill after a reconnect).
+    cursor: Option<Cursor>,
 }
 
 impl ChanState {
@@ -157,6 +244,9 @@ struct Inner {
     /// The publisher connection; every publish reads it, only connects and failures change it.
     publisher: watch::Sender<PubConn>,
     last_warning_ms: AtomicU64,
+    history: Option<HistorySettings>,
+    append_script: redis::Script,
+    read_script: redis::Script,
 }
 
 /// Cluster-wide broker over Redis pub/sub.
@@ -223,6 +313,9 @@ impl RedisBroker {
                 up: AtomicBool::new(false),
                 publisher: watch::Sender::new(PubConn::Closed("not connected yet".into())),
                 last_warning_ms: AtomicU64::new(0),
+                history: settings.history,
+                append_script: redis::Script::new(APPEND_AND_PUBLISH),
+                read_script: redis::Script::new(READ_HISTORY),
             }),
             task: Mutex::new(None),
             heartbeat: Mutex::new(None),
@@ -382,9 +475,15 @@ impl Inner {
         let mut tick = tokio::time::interval(HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut announced_up = false;
+        let mut ticks: u32 = 0;
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    ticks = ticks.wrapping_add(1);
+                    if self.history.is_some() && ticks.is_multiple_of(MEASURE_EVERY) && self.up.load(Ordering::Acquire) {
+                        self.measure_history().await;
+                    }
+                }
                 () = self.announce.notified() => {}
             }
             if self.stopped.load(Ordering::Acquire) {
@@ -486,9 +585,15 @@ impl Inner {
         };
         match wire::decode(topic_name, msg.get_payload_bytes(), self.max_payload) {
             Ok(envelope) => {
+                // A position delivered already (by the gap fill) is not delivered again.
+                if let Some(p) = &envelope.position
+                    && !self.advance(name, p)
+                {
+                    return;
+                }
                 let sink = lock(&self.state).sink.clone();
                 if let Some(sink) = sink {
-                    sink.deliver(&channel, envelope.message);
+                    sink.deliver(&channel, envelope.message, envelope.position.as_ref());
                 }
             }
             Err(why) => reject(why),
@@ -511,7 +616,7 @@ impl Inner {
     /// reconnect, or to retry failed ones); otherwise only channels changed since the last
     /// pass, so a burst of joins costs work in proportion to the burst, not to all channels.
     /// `Err` means the connection is unusable.
-    async fn sync(&self, sink: &mut PubSubSink, full: bool) -> Result<(), RedisError> {
+    async fn sync(self: &Arc<Self>, sink: &mut PubSubSink, full: bool) -> Result<(), RedisError> {
         let mut full = full;
         loop {
             let (subscribe, unsubscribe) = {
@@ -557,6 +662,9 @@ impl Inner {
                     }
                 }
                 self.metrics.channels.set(st.active as i64);
+            }
+            if self.history.is_some() {
+                self.read_starting_points(&subscribe).await;
             }
             for batch in subscribe.chunks(BATCH) {
                 self.subscribe_batch(sink, batch).await?;
@@ -664,6 +772,10 @@ impl Inner {
             if connected_before {
                 self.metrics.reconnects.inc();
                 tracing::info!("Redis subscriber reconnected and resubscribed");
+                // Before anything live (it waits in `stream`): what this replica missed.
+                if self.history.is_some() {
+                    self.gap_fill().await;
+                }
             }
             connected_before = true;
             failures = 0;
@@ -836,6 +948,25 @@ impl Inner {
         }
     }
 
+    /// Why publishing must be refused now, if it must.
+    fn refuse_publish(&self) -> Option<BrokerError> {
+        if self.stopped.load(Ordering::Acquire) {
+            return Some(BrokerError::Stopped);
+        }
+        // While this instance cannot receive, its own subscribers would miss the message:
+        // refuse rather than answer success for something that is not delivered.
+        if !self.up.load(Ordering::Acquire) {
+            return Some(BrokerError::Unavailable(
+                "not connected to Redis (reconnecting)".into(),
+            ));
+        }
+        self.barrier().map(|n| {
+            BrokerError::Unavailable(format!(
+                "back from a Redis outage; waiting for {n} other replica(s) to resubscribe"
+            ))
+        })
+    }
+
     async fn publish(
         self: Arc<Self>,
         channel: String,
@@ -843,22 +974,45 @@ impl Inner {
     ) -> Result<(), BrokerError> {
         // The publish's own deadline, counted from its arrival: it is answered by then.
         let deadline = Deadline::now() + self.timeout;
-        if self.stopped.load(Ordering::Acquire) {
-            return Err(BrokerError::Stopped);
-        }
-        // While this instance cannot receive, its own subscribers would miss the message:
-        // refuse rather than answer success for something that is not delivered.
-        if !self.up.load(Ordering::Acquire) {
-            return Err(BrokerError::Unavailable(
-                "not connected to Redis (reconnecting)".into(),
-            ));
-        }
-        if let Some(n) = self.barrier() {
-            return Err(BrokerError::Unavailable(format!(
-                "back from a Redis outage; waiting for {n} other replica(s) to resubscribe"
-            )));
+        if let Some(e) = self.refuse_publish() {
+            return Err(e);
         }
         self.send(channel, payload, deadline).await
+    }
+
+    /// Appends to `topic`'s history and publishes, in one script (see [`APPEND_AND_PUBLISH`]).
+    async fn publish_history(
+        self: Arc<Self>,
+        channel: String,
+        topic: Topic,
+        head: Vec<u8>,
+    ) -> Result<(), BrokerError> {
+        let deadline = Deadline::now() + self.timeout;
+        if let Some(e) = self.refuse_publish() {
+            return Err(e);
+        }
+        let Some(settings) = &self.history else {
+            return Err(BrokerError::Setup("no history settings".into()));
+        };
+        let (stream, position) = self.history_keys(&topic);
+        let ttl_ms = settings.ttl.as_millis().max(1) as u64;
+        let mut invocation = self.append_script.prepare_invoke();
+        invocation
+            .key(stream)
+            .key(position)
+            .arg(&channel)
+            .arg(head)
+            .arg(settings.size)
+            .arg(ttl_ms)
+            .arg(ttl_ms.saturating_mul(u64::from(POSITION_TTL_FACTOR)))
+            .arg(&*new_epoch());
+        let offset: u64 = self
+            .run(deadline, "history append", async |mut conn| {
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?;
+        tracing::trace!(%channel, offset, "published with history");
+        Ok(())
     }
 
     /// PUBLISH without the readiness checks, answered by `deadline`: `Unavailable` when
@@ -869,31 +1023,348 @@ impl Inner {
         payload: Vec<u8>,
         deadline: Deadline,
     ) -> Result<(), BrokerError> {
-        let (mut conn, id) = self.publisher(deadline).await?;
-        let result: Result<i64, RedisError> = tokio::time::timeout_at(
-            deadline,
-            redis::cmd("PUBLISH")
-                .arg(&channel)
-                .arg(payload)
-                .query_async(&mut conn),
-        )
-        .await
-        .unwrap_or_else(|_| Err(timeout_error()));
+        let receivers: i64 = self
+            .run(deadline, "PUBLISH", async |mut conn| {
+                redis::cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg(payload)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        tracing::trace!(%channel, receivers, "published");
+        Ok(())
+    }
+
+    /// Runs `command` on the publisher connection, answered by `deadline`: `Unavailable` when
+    /// nothing was sent, `Timeout` when it was sent and not answered in time (the connection
+    /// is then declared broken, see [`Inner::publisher_failed`]).
+    async fn run<T>(
+        self: &Arc<Self>,
+        deadline: Deadline,
+        what: &str,
+        command: impl AsyncFnOnce(MultiplexedConnection) -> Result<T, RedisError>,
+    ) -> Result<T, BrokerError> {
+        let (conn, id) = self.publisher(deadline).await?;
+        let result = tokio::time::timeout_at(deadline, command(conn))
+            .await
+            .unwrap_or_else(|_| Err(timeout_error()));
         match result {
-            Ok(receivers) => {
-                tracing::trace!(%channel, receivers, "published");
-                Ok(())
-            }
+            Ok(v) => Ok(v),
             Err(e) if e.is_timeout() => {
                 self.publisher_failed(id, true, "");
                 Err(BrokerError::Timeout)
             }
             Err(e) => {
                 // Any other failure may leave the connection unusable: start fresh next time.
-                let why = format!("Redis PUBLISH failed: {e}");
+                let why = format!("Redis {what} failed: {e}");
                 self.publisher_failed(id, false, &why);
                 Err(BrokerError::Unavailable(why))
             }
+        }
+    }
+
+    /// The stream and position keys of `topic`'s history.
+    fn history_keys(&self, topic: &Topic) -> (String, String) {
+        (
+            format!("{}__history__:{topic}", self.prefix),
+            format!("{}__history_meta__:{topic}", self.prefix),
+        )
+    }
+
+    /// Reads `topic`'s history: its position, and the messages after `after` when that is in
+    /// the current epoch (else all it keeps).
+    async fn read_history(
+        self: &Arc<Self>,
+        topic: &Topic,
+        after: Option<&Position>,
+        read: Read,
+        deadline: Deadline,
+    ) -> Result<Snapshot, BrokerError> {
+        let Some(settings) = &self.history else {
+            return Ok(Snapshot::default());
+        };
+        let (stream, position) = self.history_keys(topic);
+        let mut invocation = self.read_script.prepare_invoke();
+        invocation
+            .key(stream)
+            .key(position)
+            .arg(after.map_or(0, |p| p.offset))
+            .arg(after.map_or("", |p| &*p.epoch))
+            .arg(if read == Read::PositionOnly {
+                0
+            } else {
+                settings.size
+            })
+            .arg(if read == Read::SameEpochOnly {
+                "1"
+            } else {
+                "0"
+            });
+        let value: redis::Value = self
+            .run(deadline, "history read", async |mut conn| {
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?;
+        let channel_topic = Channel::Topic(topic.clone()).topic_name();
+        parse_history(&channel_topic, value, self.max_payload).map_err(|why| {
+            self.metrics.rejected.inc();
+            self.warn_rejected(&channel_topic, &why);
+            BrokerError::Unavailable(format!("unreadable history: {why}"))
+        })
+    }
+}
+
+/// What a history read asks for besides the position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Nothing else.
+    PositionOnly,
+    /// The messages after the given position, if it is in the current epoch.
+    SameEpochOnly,
+    /// Those messages, or the whole history when the epoch changed.
+    AnyEpoch,
+}
+
+/// Parses [`READ_HISTORY`]'s answer. Every entry is the envelope that was published, checked
+/// like any payload from Redis; entries of another epoch, or out of order, make it unreadable.
+fn parse_history(
+    channel_topic: &str,
+    value: redis::Value,
+    max_payload: usize,
+) -> Result<Snapshot, wire::Rejection> {
+    use redis::Value;
+    let bad = |what: &str| wire::Rejection::Malformed(format!("history: {what}"));
+    let text = |v: &Value| -> Option<String> {
+        match v {
+            Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+            Value::SimpleString(s) => Some(s.clone()),
+            Value::Int(i) => Some(i.to_string()),
+            _ => None,
+        }
+    };
+    let Value::Array(parts) = value else {
+        return Err(bad("not an array"));
+    };
+    let [epoch, offset, entries] = match <[Value; 3]>::try_from(parts) {
+        Ok(p) => p,
+        Err(p) if p.is_empty() => return Ok(Snapshot::default()),
+        Err(_) => return Err(bad("wrong shape")),
+    };
+    let epoch = text(&epoch)
+        .filter(|e| valid_epoch(e))
+        .ok_or_else(|| bad("bad epoch"))?;
+    let top = text(&offset)
+        .and_then(|o| o.parse::<u64>().ok())
+        .ok_or_else(|| bad("bad offset"))?;
+    let Value::Array(entries) = entries else {
+        return Err(bad("entries not an array"));
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    // Newest first: walk backwards for offset order.
+    for entry in entries.into_iter().rev() {
+        let Value::Array(id_fields) = entry else {
+            return Err(bad("entry not an array"));
+        };
+        let Some(Value::Array(fields)) = id_fields.into_iter().nth(1) else {
+            return Err(bad("entry without fields"));
+        };
+        let payload = fields
+            .chunks(2)
+            .find(|kv| text(&kv[0]).as_deref() == Some("m"))
+            .and_then(|kv| match kv.get(1) {
+                Some(Value::BulkString(b)) => Some(b.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| bad("entry without a message"))?;
+        let envelope = wire::decode(channel_topic, &payload, max_payload)?;
+        let Some(p) = envelope.position else {
+            return Err(bad("entry without a position"));
+        };
+        if *p.epoch != *epoch || p.offset > top || out.last().is_some_and(|(o, _)| *o >= p.offset) {
+            return Err(bad("entries out of order or of another epoch"));
+        }
+        out.push((p.offset, envelope.message));
+    }
+    Ok(Snapshot {
+        top: (top > 0).then(|| Position {
+            offset: top,
+            epoch: epoch.into(),
+        }),
+        entries: out,
+    })
+}
+
+impl Inner {
+    /// Whether a positioned message on `name` is new; if so it is recorded as delivered.
+    fn advance(&self, name: &str, position: &Position) -> bool {
+        let mut st = lock(&self.state);
+        let Some(c) = st.channels.get_mut(name) else {
+            return true;
+        };
+        if let Some(cur) = &c.cursor
+            && cur.delivered
+            && !position.is_after(&cur.position)
+        {
+            return false;
+        }
+        c.cursor = Some(Cursor {
+            position: position.clone(),
+            delivered: true,
+        });
+        true
+    }
+
+    /// Before history channels are first subscribed, reads where their topics stand: after a
+    /// reconnect, the gap fill starts there if nothing was delivered meanwhile.
+    async fn read_starting_points(self: &Arc<Self>, names: &[String]) {
+        let targets: Vec<(String, Topic)> = {
+            let st = lock(&self.state);
+            names
+                .iter()
+                .filter_map(|n| {
+                    let c = st.channels.get(n)?;
+                    if c.cursor.is_some() {
+                        return None;
+                    }
+                    Some((n.clone(), c.history.clone()?))
+                })
+                .collect()
+        };
+        for chunk in targets.chunks(GAP_FILL_CONCURRENCY) {
+            let deadline = Deadline::now() + self.timeout;
+            let reads = futures_util::future::join_all(
+                chunk
+                    .iter()
+                    .map(|(_, t)| self.read_history(t, None, Read::PositionOnly, deadline)),
+            )
+            .await;
+            let mut st = lock(&self.state);
+            for ((name, _), read) in chunk.iter().zip(reads) {
+                let Ok(snapshot) = read else {
+                    tracing::debug!(channel = %name, "could not read a history position before subscribing");
+                    continue;
+                };
+                if let Some(c) = st.channels.get_mut(name)
+                    && c.cursor.is_none()
+                {
+                    // No history yet: everything of the epoch to come is after this point.
+                    let position = snapshot.top.unwrap_or(Position {
+                        offset: 0,
+                        epoch: "".into(),
+                    });
+                    c.cursor = Some(Cursor {
+                        position,
+                        delivered: false,
+                    });
+                }
+            }
+        }
+    }
+
+    /// After a reconnect and before anything live: delivers, from each local history topic's
+    /// stream, what was published after the last position delivered here, in order.
+    async fn gap_fill(self: &Arc<Self>) {
+        let Some(sink) = lock(&self.state).sink.clone() else {
+            return;
+        };
+        let targets: Vec<(String, Topic, Position)> = {
+            let st = lock(&self.state);
+            st.channels
+                .iter()
+                .filter(|(_, c)| c.wanted && c.active)
+                .filter_map(|(n, c)| {
+                    Some((
+                        n.clone(),
+                        c.history.clone()?,
+                        c.cursor.as_ref()?.position.clone(),
+                    ))
+                })
+                .collect()
+        };
+        let history = &self.metrics.history;
+        for chunk in targets.chunks(GAP_FILL_CONCURRENCY) {
+            let deadline = Deadline::now() + self.timeout;
+            let reads =
+                futures_util::future::join_all(chunk.iter().map(|(_, t, from)| {
+                    self.read_history(t, Some(from), Read::AnyEpoch, deadline)
+                }))
+                .await;
+            for ((name, topic, from), read) in chunk.iter().zip(reads) {
+                let snapshot = match read {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(%topic, error = %e, "could not read the history to fill the gap of an outage");
+                        history.gap_fill_failures.inc();
+                        continue;
+                    }
+                };
+                // No position: nothing was published since the history was lost.
+                let Some(top) = snapshot.top else { continue };
+                let first = if top.epoch == from.epoch {
+                    from.offset + 1
+                } else {
+                    1
+                };
+                let missed: Vec<(u64, Message)> = snapshot
+                    .entries
+                    .into_iter()
+                    .filter(|(o, _)| *o >= first)
+                    .collect();
+                let whole = top.offset < first
+                    || (missed.first().is_some_and(|(o, _)| *o == first)
+                        && missed.len() as u64 == top.offset + 1 - first);
+                if !whole {
+                    tracing::warn!(%topic, "part of what was published during the outage is no longer in the history");
+                    history.gap_fill_failures.inc();
+                }
+                let channel = Channel::Topic(topic.clone());
+                for (offset, message) in missed {
+                    let p = Position {
+                        offset,
+                        epoch: top.epoch.clone(),
+                    };
+                    if self.advance(name, &p) {
+                        history.gap_filled.inc();
+                        sink.deliver(&channel, message, Some(&p));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Updates `wsgate_history_bytes`: what the streams of this replica's history topics take
+    /// in Redis (`MEMORY USAGE`, for at most [`MEASURED_STREAMS`] of them).
+    async fn measure_history(self: &Arc<Self>) {
+        let keys: Vec<String> = {
+            let st = lock(&self.state);
+            st.channels
+                .values()
+                .filter(|c| c.wanted)
+                .filter_map(|c| c.history.as_ref())
+                .take(MEASURED_STREAMS)
+                .map(|t| self.history_keys(t).0)
+                .collect()
+        };
+        if keys.is_empty() {
+            self.metrics.history.bytes.set(0);
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.cmd("MEMORY").arg("USAGE").arg(k);
+        }
+        let deadline = Deadline::now() + self.timeout;
+        let sizes: Result<Vec<Option<i64>>, _> = self
+            .run(deadline, "MEMORY USAGE", async |mut conn| {
+                pipe.query_async(&mut conn).await
+            })
+            .await;
+        if let Ok(sizes) = sizes {
+            self.metrics
+                .history
+                .bytes
+                .set(sizes.into_iter().flatten().sum());
         }
     }
 }
@@ -953,10 +1424,17 @@ impl Broker for RedisBroker {
 
     fn channel_added(&self, channel: &Channel) {
         let name = self.inner.channel_name(channel);
+        let history = self
+            .inner
+            .history
+            .as_ref()
+            .and_then(|h| h.topic(channel))
+            .cloned();
         let mut st = lock(&self.inner.state);
         let c = st.channels.entry(name.clone()).or_default();
         c.wanted = true;
         c.failed = false;
+        c.history = history;
         st.dirty.insert(name);
         drop(st);
         self.inner.wake.notify_one();
@@ -1009,8 +1487,58 @@ impl Broker for RedisBroker {
         message: Message,
     ) -> BoxFuture<'_, Result<(), BrokerError>> {
         let name = self.inner.channel_name(channel);
+        if let Some(topic) = self.inner.history.as_ref().and_then(|h| h.topic(channel))
+            && message != Message::Disconnect
+        {
+            let head = wire::encode_head(&channel.topic_name(), &message);
+            return Box::pin(
+                self.inner
+                    .clone()
+                    .publish_history(name, topic.clone(), head),
+            );
+        }
         let payload = wire::encode(&channel.topic_name(), &message);
         Box::pin(self.inner.clone().publish(name, payload))
+    }
+
+    fn history(&self) -> Option<&HistorySettings> {
+        self.inner.history.as_ref()
+    }
+
+    fn recover(&self, topic: &Topic, since: Option<&Since>) -> BoxFuture<'_, Recovery> {
+        let keeps = self
+            .inner
+            .history
+            .as_ref()
+            .is_some_and(|h| h.patterns.matches(topic.as_str()));
+        let topic = topic.clone();
+        let since = since.cloned();
+        Box::pin(async move {
+            if !keeps {
+                return Recovery::failed(RecoveryFailure::NoHistory);
+            }
+            let after = since.as_ref().map(|s| Position {
+                offset: s.offset,
+                epoch: s.epoch.as_str().into(),
+            });
+            let read = if after.is_some() {
+                Read::SameEpochOnly
+            } else {
+                Read::PositionOnly
+            };
+            let deadline = Deadline::now() + self.inner.timeout;
+            match self
+                .inner
+                .read_history(&topic, after.as_ref(), read, deadline)
+                .await
+            {
+                Ok(snapshot) => Recovery::decide(since.as_ref(), snapshot),
+                Err(e) => {
+                    tracing::debug!(%topic, error = %e, "history read for a recovery failed");
+                    Recovery::failed(RecoveryFailure::Unavailable)
+                }
+            }
+        })
     }
 
     fn is_up(&self) -> bool {
@@ -1096,6 +1624,7 @@ mod tests {
             timeout: Duration::from_millis(500),
             max_payload: 1024,
             ca_pem: None,
+            history: None,
         };
         RedisBroker::new(settings, Metrics::new().broker, None).unwrap()
     }

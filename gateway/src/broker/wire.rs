@@ -1,6 +1,9 @@
 //! The Redis wire envelope, byte-compatible with `@orijs/websocket-redis`:
 //! `{"topic":"<topic>","message":"<text or base64>","isBinary":<bool>}`.
 //!
+//! Messages on history topics carry two more fields, `"offset":<n>` and `"epoch":"<e>"` (their
+//! [`Position`]); the seed ignores fields it does not know, so it still delivers them.
+//!
 //! Parsing is strict and typed. Anything else — not JSON, wrong types, missing or duplicate
 //! fields, prototype-pollution keys, bad base64, a topic that breaks the rules or does not match
 //! the channel — is rejected with a reason, never a panic.
@@ -13,6 +16,7 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::Message;
+use crate::history::{Position, valid_epoch};
 
 /// Why a payload was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,6 +31,8 @@ pub enum Rejection {
     BadBase64,
     #[error("control message on a channel other than a socket's")]
     MisplacedControl,
+    #[error("offset and epoch must come together, as a positive integer and a short token")]
+    BadPosition,
 }
 
 /// A decoded envelope.
@@ -34,6 +40,8 @@ pub enum Rejection {
 pub struct Envelope {
     pub topic: String,
     pub message: Message,
+    /// Where the message sits in its topic's history (history topics only).
+    pub position: Option<Position>,
 }
 
 #[derive(Serialize)]
@@ -78,11 +86,23 @@ pub fn encode(topic: &str, message: &Message) -> Vec<u8> {
     serde_json::to_vec(&out).unwrap_or_default()
 }
 
+/// The envelope of [`encode`] without its closing brace, for the history script to append
+/// `,"offset":<n>,"epoch":"<e>"}` once it knows them.
+pub fn encode_head(topic: &str, message: &Message) -> Vec<u8> {
+    let mut out = encode(topic, message);
+    if out.last() == Some(&b'}') {
+        out.pop();
+    }
+    out
+}
+
 struct Raw {
     topic: String,
     message: String,
     is_binary: bool,
     control: Option<String>,
+    offset: Option<u64>,
+    epoch: Option<String>,
 }
 
 impl<'de> Deserialize<'de> for Raw {
@@ -95,6 +115,7 @@ impl<'de> Deserialize<'de> for Raw {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
                 let (mut topic, mut message, mut is_binary, mut control) = (None, None, None, None);
+                let (mut offset, mut epoch) = (None, None);
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                     match key.as_ref() {
                         "topic" if topic.is_none() => topic = Some(map.next_value::<String>()?),
@@ -107,7 +128,9 @@ impl<'de> Deserialize<'de> for Raw {
                         "wsgateControl" if control.is_none() => {
                             control = Some(map.next_value::<String>()?)
                         }
-                        "topic" | "message" | "isBinary" | "wsgateControl" => {
+                        "offset" if offset.is_none() => offset = Some(map.next_value::<u64>()?),
+                        "epoch" if epoch.is_none() => epoch = Some(map.next_value::<String>()?),
+                        "topic" | "message" | "isBinary" | "wsgateControl" | "offset" | "epoch" => {
                             return Err(de::Error::custom(format!("duplicate field {key}")));
                         }
                         "__proto__" | "constructor" | "prototype" => {
@@ -123,6 +146,8 @@ impl<'de> Deserialize<'de> for Raw {
                     message: message.ok_or_else(|| de::Error::missing_field("message"))?,
                     is_binary: is_binary.ok_or_else(|| de::Error::missing_field("isBinary"))?,
                     control,
+                    offset,
+                    epoch,
                 })
             }
         }
@@ -145,6 +170,14 @@ pub fn decode(channel_topic: &str, payload: &[u8], max_len: usize) -> Result<Env
             raw.topic.chars().take(64).collect(),
         ));
     }
+    let position = match (raw.offset, raw.epoch) {
+        (None, None) => None,
+        (Some(offset), Some(epoch)) if offset > 0 && valid_epoch(&epoch) => Some(Position {
+            offset,
+            epoch: epoch.into(),
+        }),
+        _ => return Err(Rejection::BadPosition),
+    };
     let message = match (raw.control.as_deref(), raw.is_binary) {
         (Some("disconnect"), _) => {
             if !channel_topic.starts_with(crate::types::SOCKET_TOPIC_PREFIX) {
@@ -160,9 +193,13 @@ pub fn decode(channel_topic: &str, payload: &[u8], max_len: usize) -> Result<Env
         )),
         (None, false) => Message::Text(Bytes::from(raw.message)),
     };
+    if position.is_some() && message == Message::Disconnect {
+        return Err(Rejection::BadPosition);
+    }
     Ok(Envelope {
         topic: raw.topic,
         message,
+        position,
     })
 }
 
@@ -210,6 +247,42 @@ mod tests {
         assert_eq!(
             decode("t", p, 1024).unwrap().message,
             Message::Text(Bytes::from_static(b"m"))
+        );
+    }
+
+    #[test]
+    fn positions_ride_along_as_two_extra_fields() {
+        let mut head = encode_head("news", &Message::Text(Bytes::from_static(b"m")));
+        head.extend_from_slice(br#","offset":42,"epoch":"e-1"}"#);
+        let e = decode("news", &head, 1024).unwrap();
+        assert_eq!(e.message, Message::Text(Bytes::from_static(b"m")));
+        let p = e.position.unwrap();
+        assert_eq!((p.offset, &*p.epoch), (42, "e-1"));
+        // What the seed requires still holds: topic and message strings, isBinary a boolean.
+        let v: serde_json::Value = serde_json::from_slice(&head).unwrap();
+        assert!(v["topic"].is_string() && v["message"].is_string() && v["isBinary"].is_boolean());
+        for bad in [
+            r#"{"topic":"t","message":"m","isBinary":false,"offset":1}"#,
+            r#"{"topic":"t","message":"m","isBinary":false,"epoch":"e"}"#,
+            r#"{"topic":"t","message":"m","isBinary":false,"offset":0,"epoch":"e"}"#,
+            r#"{"topic":"t","message":"m","isBinary":false,"offset":-1,"epoch":"e"}"#,
+            r#"{"topic":"t","message":"m","isBinary":false,"offset":1.5,"epoch":"e"}"#,
+            r#"{"topic":"t","message":"m","isBinary":false,"offset":"1","epoch":"e"}"#,
+            r#"{"topic":"t","message":"m","isBinary":false,"offset":1,"epoch":"a\"b"}"#,
+            r#"{"topic":"t","message":"m","isBinary":false,"offset":1,"epoch":""}"#,
+            r#"{"topic":"t","message":"m","isBinary":false,"offset":1,"epoch":7}"#,
+            r#"{"topic":"t","message":"m","isBinary":false,"offset":1,"offset":2,"epoch":"e"}"#,
+            r#"{"topic":"t","message":"m","isBinary":false,"offset":99999999999999999999,"epoch":"e"}"#,
+        ] {
+            assert!(decode("t", bad.as_bytes(), 1024).is_err(), "accepted {bad}");
+        }
+        let long = format!(
+            r#"{{"topic":"t","message":"m","isBinary":false,"offset":1,"epoch":"{}"}}"#,
+            "e".repeat(65)
+        );
+        assert_eq!(
+            decode("t", long.as_bytes(), 1024),
+            Err(Rejection::BadPosition)
         );
     }
 
