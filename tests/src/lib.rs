@@ -329,6 +329,23 @@ pub struct Client {
     pub socket_id: String,
 }
 
+/// A positioned envelope's data (a message of a topic joined with `since`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Positioned {
+    pub room: String,
+    pub offset: u64,
+    pub epoch: String,
+    pub message: String,
+    pub is_binary: bool,
+}
+
+impl Positioned {
+    /// `{"offset":..,"epoch":..}`: what a client sends to recover after this message.
+    pub fn since(&self) -> Value {
+        serde_json::json!({"offset": self.offset, "epoch": self.epoch})
+    }
+}
+
 /// What a client received.
 #[derive(Debug, PartialEq)]
 pub enum Received {
@@ -399,6 +416,34 @@ impl Client {
         let ack = self.next_json().await;
         assert_eq!(ack["name"], "room.joined", "{ack}");
         assert_eq!(ack["data"]["room"], topic);
+    }
+
+    /// Joins with `since` (`{}` or `{"offset":..,"epoch":..}`) and an ack id; returns the
+    /// `room.joined` data (`recovered`, `offset`, `epoch`).
+    pub async fn join_since(&mut self, topic: &str, since: Value) -> Value {
+        self.send_text(
+            &serde_json::json!({"type": "room.join", "room": topic, "id": topic, "since": since})
+                .to_string(),
+        )
+        .await;
+        let ack = self.next_json().await;
+        assert_eq!(ack["name"], "room.joined", "{ack}");
+        assert_eq!(ack["data"]["room"], topic);
+        ack["data"].clone()
+    }
+
+    /// The next frame, which must be a positioned envelope (`room.message`).
+    pub async fn next_positioned(&mut self) -> Positioned {
+        let v = self.next_json().await;
+        assert_eq!(v["name"], "room.message", "{v}");
+        let d = &v["data"];
+        Positioned {
+            room: d["room"].as_str().unwrap().to_owned(),
+            offset: d["offset"].as_u64().unwrap(),
+            epoch: d["epoch"].as_str().unwrap().to_owned(),
+            message: d["message"].as_str().unwrap().to_owned(),
+            is_binary: d["isBinary"].as_bool().unwrap(),
+        }
     }
 
     /// Leaves with an ack id and waits for `room.left`.
@@ -614,4 +659,48 @@ fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
     };
     let payload = buf.get(at..at + len)?.to_vec();
     Some(((opcode, payload), at + len))
+}
+
+/// `n` gateway processes on one Redis with key prefix `prefix`, each ready.
+pub async fn fleet(
+    redis: &RedisServer,
+    n: usize,
+    prefix: &str,
+    extra: &[&str],
+) -> Vec<ProcessGateway> {
+    let url = redis.url();
+    let mut args = vec!["--redis-url", url.as_str(), "--key-prefix", prefix];
+    if !extra.contains(&"--connect-timeout-ms") {
+        args.extend_from_slice(&["--connect-timeout-ms", "1000"]);
+    }
+    args.extend_from_slice(extra);
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(ProcessGateway::spawn(&args).await);
+    }
+    for gw in &out {
+        wait_ready(&gw.http(), 200).await;
+    }
+    out
+}
+
+/// Waits until `/readyz` answers `want`.
+pub async fn wait_ready(http: &Http, want: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = http
+            .get("/readyz")
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        if status == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz never became {want} (last {status})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

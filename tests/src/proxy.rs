@@ -1,5 +1,6 @@
 //! An in-test TCP proxy on loopback: sits between a gateway and Redis and records what the
-//! gateway sends, so a test can wait until a command is on its way.
+//! gateway sends, so a test can wait until a command is on its way; it can also hold the
+//! server's replies back (a slow server) or cut the link (a network partition).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,8 @@ pub struct TcpProxy {
     sent: Arc<Mutex<Vec<u8>>>,
     /// While true, nothing from the server reaches the clients (it waits in the proxy).
     hold: tokio::sync::watch::Sender<bool>,
+    /// While true, connections are refused (accepted and closed at once).
+    cut: Arc<std::sync::atomic::AtomicBool>,
     accept: JoinHandle<()>,
     links: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
@@ -29,12 +32,18 @@ impl TcpProxy {
         let sent = Arc::new(Mutex::new(Vec::new()));
         let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let hold = tokio::sync::watch::Sender::new(false);
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let accept = tokio::spawn({
             let sent = sent.clone();
             let links = links.clone();
             let hold = hold.clone();
+            let cut = cut.clone();
             async move {
                 while let Ok((client, _)) = listener.accept().await {
+                    if cut.load(std::sync::atomic::Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
                     let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else {
                         continue;
                     };
@@ -79,9 +88,24 @@ impl TcpProxy {
             addr,
             sent,
             hold,
+            cut,
             accept,
             links,
         }
+    }
+
+    /// Cuts the link: every proxied connection is closed, and new ones are refused until
+    /// [`restore`](Self::restore). To the gateway, Redis is unreachable.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    /// Accepts connections again after [`cut`](Self::cut).
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Holds back everything the server sends (on every connection, new ones too) until

@@ -4,7 +4,12 @@
 #![allow(clippy::unwrap_used)]
 
 use serde_json::json;
-use wsgate_tests::{Received, RedisServer, TestGateway, metric};
+use wsgate_tests::{Client, Received, RedisServer, TestGateway, metric};
+
+/// Topics under `hist:` keep a history of [`HISTORY_SIZE`] messages; no other topic does,
+/// so every other test sees exactly the behaviour without history.
+const HISTORY: [&str; 4] = ["--history-topics", "hist:*", "--history-size", "50"];
+const HISTORY_SIZE: u64 = 50;
 
 /// A gateway on one broker (and the Redis server behind it, if any).
 struct Setup {
@@ -15,7 +20,7 @@ struct Setup {
 impl Setup {
     async fn memory() -> Self {
         Self {
-            gw: TestGateway::start(&[]).await,
+            gw: TestGateway::start(&HISTORY).await,
             _redis: None,
         }
     }
@@ -23,7 +28,9 @@ impl Setup {
     async fn redis() -> Self {
         let redis = RedisServer::start();
         let url = redis.url();
-        let gw = TestGateway::start(&["--redis-url", &url, "--key-prefix", "conformance"]).await;
+        let mut args = vec!["--redis-url", &url, "--key-prefix", "conformance"];
+        args.extend_from_slice(&HISTORY);
+        let gw = TestGateway::start(&args).await;
         Self {
             gw,
             _redis: Some(redis),
@@ -64,6 +71,14 @@ conformance!(
     name_and_data_publishes_arrive_as_the_seed_envelope,
     disconnecting_cleans_up_every_count_in_stats_and_metrics,
     api_disconnect_closes_the_socket_with_a_normal_close,
+    a_fresh_positioned_join_reports_the_position_and_receives_positioned_envelopes,
+    recovery_gives_exactly_the_missed_messages_then_live_ones,
+    recovery_older_than_the_history_says_so_and_live_delivery_works,
+    recovery_from_another_epoch_says_so,
+    plain_joins_on_history_topics_see_exactly_the_seed_frames,
+    since_on_a_topic_without_history_is_answered_and_delivers_plain_frames,
+    invalid_since_is_refused_and_the_connection_stays_open,
+    concurrent_publishing_during_recoveries_loses_and_doubles_nothing,
 );
 
 async fn join_then_publish_delivers_exactly_that_message(gw: &TestGateway) {
@@ -270,4 +285,296 @@ async fn api_disconnect_closes_the_socket_with_a_normal_close(gw: &TestGateway) 
         ),
         Some(1.0)
     );
+}
+
+async fn publish_n(gw: &TestGateway, topic: &str, from: u64, to: u64) {
+    for i in from..=to {
+        gw.http().publish(topic, &format!("m{i}")).await;
+    }
+}
+
+/// Receives positioned envelopes `from..=to` of one epoch, in order, each once.
+async fn expect_positioned(c: &mut Client, topic: &str, epoch: &str, from: u64, to: u64) {
+    for i in from..=to {
+        let p = c.next_positioned().await;
+        assert_eq!(
+            (
+                p.room.as_str(),
+                p.offset,
+                p.epoch.as_str(),
+                p.message.as_str()
+            ),
+            (topic, i, epoch, format!("m{i}").as_str())
+        );
+    }
+}
+
+/// Proves nothing else arrived: the next frame is a marker sent now.
+async fn expect_nothing_more(gw: &TestGateway, c: &mut Client) {
+    gw.http().send(&c.socket_id, "marker").await;
+    assert_eq!(c.next_text().await, "marker");
+}
+
+async fn a_fresh_positioned_join_reports_the_position_and_receives_positioned_envelopes(
+    gw: &TestGateway,
+) {
+    let mut c = gw.client().await;
+    let ack = c.join_since("hist:fresh", json!({})).await;
+    assert_eq!(
+        ack,
+        json!({"room": "hist:fresh", "id": "hist:fresh", "recovered": false, "offset": 0, "epoch": null})
+    );
+    publish_n(gw, "hist:fresh", 1, 2).await;
+    let first = c.next_positioned().await;
+    assert_eq!((first.offset, first.message.as_str()), (1, "m1"));
+    assert!(!first.is_binary);
+    expect_positioned(&mut c, "hist:fresh", &first.epoch, 2, 2).await;
+    // Binary travels base64-encoded inside the envelope.
+    let r = gw
+        .http()
+        .post("/api/publish?topic=hist:fresh")
+        .header("content-type", "application/octet-stream")
+        .body(vec![0u8, 1, 255])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let b = c.next_positioned().await;
+    assert_eq!(
+        (b.offset, b.message.as_str(), b.is_binary),
+        (3, "AAH/", true)
+    );
+    // A second client now starts from where the history stands.
+    let mut d = gw.client().await;
+    let ack = d.join_since("hist:fresh", json!({})).await;
+    assert_eq!(
+        (ack["offset"].as_u64(), ack["epoch"].as_str()),
+        (Some(3), Some(first.epoch.as_str()))
+    );
+    expect_nothing_more(gw, &mut d).await;
+}
+
+async fn recovery_gives_exactly_the_missed_messages_then_live_ones(gw: &TestGateway) {
+    let mut c = gw.client().await;
+    c.join_since("hist:r", json!({})).await;
+    publish_n(gw, "hist:r", 1, 3).await;
+    let last = {
+        let p = c.next_positioned().await;
+        expect_positioned(&mut c, "hist:r", &p.epoch, 2, 3).await;
+        p
+    };
+    let epoch = last.epoch.clone();
+    drop(c);
+    publish_n(gw, "hist:r", 4, 43).await;
+    let mut back = gw.client().await;
+    let ack = back
+        .join_since("hist:r", json!({"offset": 3, "epoch": epoch}))
+        .await;
+    assert_eq!(
+        ack,
+        json!({"room": "hist:r", "id": "hist:r", "recovered": true, "offset": 43, "epoch": epoch})
+    );
+    expect_positioned(&mut back, "hist:r", &epoch, 4, 43).await;
+    publish_n(gw, "hist:r", 44, 45).await;
+    expect_positioned(&mut back, "hist:r", &epoch, 44, 45).await;
+    expect_nothing_more(gw, &mut back).await;
+    // Caught up: recovered, with nothing to send.
+    let mut again = gw.client().await;
+    let ack = again
+        .join_since("hist:r", json!({"offset": 45, "epoch": epoch}))
+        .await;
+    assert_eq!(
+        (ack["recovered"].as_bool(), ack["offset"].as_u64()),
+        (Some(true), Some(45))
+    );
+    expect_nothing_more(gw, &mut again).await;
+    let scrape = gw.http().metrics().await;
+    assert!(metric(&scrape, "wsgate_history_recoveries_total").unwrap() >= 2.0);
+    assert!(metric(&scrape, "wsgate_history_recovered_messages_total").unwrap() >= 40.0);
+}
+
+async fn recovery_older_than_the_history_says_so_and_live_delivery_works(gw: &TestGateway) {
+    let mut c = gw.client().await;
+    c.join_since("hist:old", json!({})).await;
+    publish_n(gw, "hist:old", 1, 1).await;
+    let epoch = c.next_positioned().await.epoch;
+    drop(c);
+    // More than the history keeps.
+    publish_n(gw, "hist:old", 2, HISTORY_SIZE + 5).await;
+    let mut back = gw.client().await;
+    let ack = back
+        .join_since("hist:old", json!({"offset": 1, "epoch": epoch}))
+        .await;
+    assert_eq!(ack["recovered"], false);
+    assert_eq!(ack["offset"].as_u64(), Some(HISTORY_SIZE + 5));
+    // Nothing from the history: the client must resynchronise some other way.
+    publish_n(gw, "hist:old", HISTORY_SIZE + 6, HISTORY_SIZE + 6).await;
+    expect_positioned(
+        &mut back,
+        "hist:old",
+        &epoch,
+        HISTORY_SIZE + 6,
+        HISTORY_SIZE + 6,
+    )
+    .await;
+    let scrape = gw.http().metrics().await;
+    assert!(
+        metric(
+            &scrape,
+            r#"wsgate_history_recovery_failures_total{reason="too_old"}"#
+        )
+        .unwrap()
+            >= 1.0
+    );
+}
+
+async fn recovery_from_another_epoch_says_so(gw: &TestGateway) {
+    publish_n(gw, "hist:ep", 1, 2).await;
+    let mut c = gw.client().await;
+    let ack = c
+        .join_since("hist:ep", json!({"offset": 1, "epoch": "not-this-one"}))
+        .await;
+    assert_eq!(ack["recovered"], false);
+    assert_eq!(ack["offset"], 2);
+    let epoch = ack["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(epoch, "not-this-one");
+    // A position the history never reached is not this history either.
+    let ack = c
+        .join_since("hist:ep", json!({"offset": 99, "epoch": epoch}))
+        .await;
+    assert_eq!(ack["recovered"], false);
+    publish_n(gw, "hist:ep", 3, 3).await;
+    expect_positioned(&mut c, "hist:ep", &epoch, 3, 3).await;
+    expect_nothing_more(gw, &mut c).await;
+    let scrape = gw.http().metrics().await;
+    assert!(
+        metric(
+            &scrape,
+            r#"wsgate_history_recovery_failures_total{reason="epoch_changed"}"#
+        )
+        .unwrap()
+            >= 2.0
+    );
+}
+
+async fn plain_joins_on_history_topics_see_exactly_the_seed_frames(gw: &TestGateway) {
+    let mut plain = gw.client().await;
+    let mut positioned = gw.client().await;
+    plain.join("hist:mixed").await;
+    positioned.join_since("hist:mixed", json!({})).await;
+    gw.http().publish("hist:mixed", "hello").await;
+    let (status, _) = gw
+        .http()
+        .post_json(
+            "/api/publish",
+            json!({"topic": "hist:mixed", "name": "evt", "data": {"a": 1}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(plain.next_text().await, "hello");
+    let env = plain.next_json().await;
+    assert_eq!(
+        (env["name"].as_str(), &env["data"]),
+        (Some("evt"), &json!({"a": 1}))
+    );
+    assert_eq!(positioned.next_positioned().await.message, "hello");
+    let p = positioned.next_positioned().await;
+    let inner: serde_json::Value = serde_json::from_str(&p.message).unwrap();
+    assert_eq!(inner["data"], json!({"a": 1}));
+    expect_nothing_more(gw, &mut plain).await;
+}
+
+async fn since_on_a_topic_without_history_is_answered_and_delivers_plain_frames(gw: &TestGateway) {
+    let mut c = gw.client().await;
+    let ack = c
+        .join_since("nohist", json!({"offset": 3, "epoch": "e"}))
+        .await;
+    assert_eq!(
+        ack,
+        json!({"room": "nohist", "id": "nohist", "recovered": false, "offset": 0, "epoch": null})
+    );
+    gw.http().publish("nohist", "plain").await;
+    assert_eq!(c.next_text().await, "plain");
+    let scrape = gw.http().metrics().await;
+    assert!(
+        metric(
+            &scrape,
+            r#"wsgate_history_recovery_failures_total{reason="no_history"}"#
+        )
+        .unwrap()
+            >= 1.0
+    );
+}
+
+async fn invalid_since_is_refused_and_the_connection_stays_open(gw: &TestGateway) {
+    let mut c = gw.client().await;
+    for since in [
+        r#"5"#,
+        r#"{"offset":1}"#,
+        r#"{"offset":-1,"epoch":"e"}"#,
+        r#"{"offset":1,"epoch":"bad epoch"}"#,
+        r#"{"offset":1,"epoch":"e","__proto__":{}}"#,
+    ] {
+        c.expect_error(
+            &format!(r#"{{"type":"room.join","room":"hist:x","id":1,"since":{since}}}"#),
+            "invalid_since",
+        )
+        .await;
+    }
+    c.assert_alive().await;
+    // Nothing was joined.
+    gw.http().publish("hist:x", "unseen").await;
+    expect_nothing_more(gw, &mut c).await;
+}
+
+/// Clients join with `since` at random points while messages are published as fast as the
+/// API takes them: each receives every offset after its position exactly once, in order.
+async fn concurrent_publishing_during_recoveries_loses_and_doubles_nothing(gw: &TestGateway) {
+    use rand::Rng;
+    const TOTAL: u64 = 400;
+    let topic = "hist:seam";
+    let mut first = gw.client().await;
+    first.join_since(topic, json!({})).await;
+    publish_n(gw, topic, 1, 1).await;
+    let epoch = first.next_positioned().await.epoch;
+    let publisher = {
+        let http = gw.http();
+        tokio::spawn(async move {
+            for i in 2..=TOTAL {
+                http.publish(topic, &format!("m{i}")).await;
+                if i % 16 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    let mut rng = rand::rng();
+    let mut joined = Vec::new();
+    for _ in 0..12 {
+        // Where the history stands now, then a position somewhere in the recent past (the
+        // history keeps the last 50).
+        let mut probe = gw.client().await;
+        let top = probe.join_since(topic, json!({})).await["offset"]
+            .as_u64()
+            .unwrap();
+        drop(probe);
+        let since = top.saturating_sub(rng.random_range(0..20u64)).max(1);
+        let mut r = gw.client().await;
+        let ack = r
+            .join_since(topic, json!({"offset": since, "epoch": epoch}))
+            .await;
+        if ack["recovered"] == true {
+            joined.push((r, since));
+        }
+        // Vary the timing of the next join against the publisher.
+        for _ in 0..rng.random_range(0..50) {
+            tokio::task::yield_now().await;
+        }
+    }
+    publisher.await.unwrap();
+    assert!(!joined.is_empty(), "no join recovered");
+    for (mut c, since) in joined {
+        expect_positioned(&mut c, topic, &epoch, since + 1, TOTAL).await;
+        expect_nothing_more(gw, &mut c).await;
+    }
 }

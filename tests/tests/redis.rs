@@ -8,45 +8,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use wsgate_tests::{
-    Client, DEADLINE, Http, ProcessGateway, RawClient, Received, RedisServer, TcpProxy, metric,
+    Client, DEADLINE, Http, ProcessGateway, RawClient, Received, RedisServer, TcpProxy, fleet,
+    metric, wait_ready,
 };
-
-async fn fleet(redis: &RedisServer, n: usize, prefix: &str, extra: &[&str]) -> Vec<ProcessGateway> {
-    let url = redis.url();
-    let mut args = vec!["--redis-url", url.as_str(), "--key-prefix", prefix];
-    if !extra.contains(&"--connect-timeout-ms") {
-        args.extend_from_slice(&["--connect-timeout-ms", "1000"]);
-    }
-    args.extend_from_slice(extra);
-    let mut out = Vec::new();
-    for _ in 0..n {
-        out.push(ProcessGateway::spawn(&args).await);
-    }
-    for gw in &out {
-        wait_ready(&gw.http(), 200).await;
-    }
-    out
-}
-
-async fn wait_ready(http: &Http, want: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let status = http
-            .get("/readyz")
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0);
-        if status == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "readyz never became {want} (last {status})"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn publish_status(http: &Http, topic: &str, message: &str) -> u16 {
     http.post("/api/publish")

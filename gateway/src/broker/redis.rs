@@ -1101,11 +1101,24 @@ impl Inner {
             } else {
                 "0"
             });
-        let value: redis::Value = self
-            .run(deadline, "history read", async |mut conn| {
-                invocation.invoke_async(&mut conn).await
-            })
-            .await?;
+        // After an outage the publisher connection is usually stale: the first attempt drops
+        // it, the second reconnects (both within the same deadline).
+        let mut attempt = 0;
+        let value: redis::Value = loop {
+            attempt += 1;
+            match self
+                .run(deadline, "history read", async |mut conn| {
+                    invocation.invoke_async(&mut conn).await
+                })
+                .await
+            {
+                Err(BrokerError::Unavailable(e)) if attempt < 2 => {
+                    tracing::debug!(error = %e, "history read failed; retrying on a fresh connection");
+                    continue;
+                }
+                other => break other?,
+            }
+        };
         let channel_topic = Channel::Topic(topic.clone()).topic_name();
         parse_history(&channel_topic, value, self.max_payload).map_err(|why| {
             self.metrics.rejected.inc();
