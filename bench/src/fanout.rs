@@ -25,6 +25,7 @@ use crate::client::{self, Ws, WsEndpoint};
 use crate::deployment::{Api, Deployment};
 use crate::procfs::{self, CpuSnapshot, CpuUse, Role};
 use crate::report::{self, Latency, Output};
+use crate::resp;
 
 /// Latency histogram shards per replica: subscribers lock one shard per message, so a few
 /// shards keep the worker threads from meeting on one lock.
@@ -444,6 +445,7 @@ impl Session {
             bench_cpu_seconds: bench_cpu,
             bench_cpu_pct_of_one_core: bench_cpu.map(|s| s * 100.0 / elapsed),
             cpu,
+            history: None,
         }
     }
 }
@@ -717,6 +719,76 @@ pub struct FanoutReport {
     pub bench_cpu_seconds: Option<f64>,
     pub bench_cpu_pct_of_one_core: Option<f64>,
     pub cpu: Vec<CpuUse>,
+    /// What the topics' histories hold in Redis after the run (gateways with
+    /// `--history-topics`).
+    pub history: Option<HistoryUse>,
+}
+
+/// The history streams in Redis: how many, the messages they keep, their memory.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryUse {
+    pub streams: u64,
+    pub messages_kept: u64,
+    pub bytes: u64,
+    pub bytes_per_1000_messages: Option<f64>,
+}
+
+/// Measures the history streams under `prefix` (`SCAN`, then `XLEN` and `MEMORY USAGE` of
+/// each); `None` when there are none.
+async fn history_use(dep: &Deployment) -> Option<HistoryUse> {
+    let target = dep.redis.as_ref()?;
+    let pattern = format!("{}:__history__:*", dep.key_prefix);
+    let inspect = async {
+        let mut c = resp::Client::connect(target).await?;
+        let mut cursor = "0".to_owned();
+        let mut keys = Vec::new();
+        loop {
+            let reply = c
+                .command(&["SCAN", &cursor, "MATCH", &pattern, "COUNT", "1000"])
+                .await?;
+            let resp::Reply::Array(Some(parts)) = reply else {
+                anyhow::bail!("unexpected SCAN reply");
+            };
+            let mut parts = parts.into_iter();
+            let (Some(resp::Reply::Bulk(Some(next))), Some(resp::Reply::Array(found))) =
+                (parts.next(), parts.next())
+            else {
+                anyhow::bail!("unexpected SCAN reply");
+            };
+            for k in found.unwrap_or_default() {
+                if let resp::Reply::Bulk(Some(k)) = k {
+                    keys.push(String::from_utf8_lossy(&k).into_owned());
+                }
+            }
+            cursor = String::from_utf8_lossy(&next).into_owned();
+            if cursor == "0" {
+                break;
+            }
+        }
+        let (mut kept, mut bytes) = (0u64, 0u64);
+        for k in &keys {
+            if let resp::Reply::Int(n) = c.command(&["XLEN", k]).await? {
+                kept += n.max(0) as u64;
+            }
+            if let resp::Reply::Int(n) = c.command(&["MEMORY", "USAGE", k]).await? {
+                bytes += n.max(0) as u64;
+            }
+        }
+        Ok::<_, anyhow::Error>((keys.len() as u64, kept, bytes))
+    };
+    match inspect.await {
+        Ok((0, _, _)) => None,
+        Ok((streams, kept, bytes)) => Some(HistoryUse {
+            streams,
+            messages_kept: kept,
+            bytes,
+            bytes_per_1000_messages: (kept > 0).then(|| bytes as f64 * 1000.0 / kept as f64),
+        }),
+        Err(e) => {
+            eprintln!("warning: cannot measure the history in redis: {e:#}");
+            None
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -823,6 +895,17 @@ impl FanoutReport {
             }
         }
         report::cpu_table(&mut o, &self.cpu, "delivery");
+        if let Some(h) = &self.history {
+            let _ = writeln!(
+                o,
+                "  history   {} streams keep {} messages in {} of Redis memory ({} per 1,000 messages)",
+                report::count(h.streams),
+                report::count(h.messages_kept),
+                report::bytes(h.bytes as f64),
+                h.bytes_per_1000_messages
+                    .map_or("n/a".into(), report::bytes)
+            );
+        }
         if let Some(pct) = self.bench_cpu_pct_of_one_core {
             let _ = writeln!(
                 o,
@@ -879,9 +962,10 @@ pub async fn fanout(
     let topics = topic_names(args.shape.topic.as_deref(), args.shape.topics.max(1))?;
     dep.warn_fd_limits(args.subscribers.div_ceil(dep.replicas.len()));
     let session = Session::open(dep, args.subscribers, topics, concurrency).await?;
-    let report = session
+    let mut report = session
         .run(dep, 1, args.rate, args.messages, &args.shape)
         .await?;
+    report.history = history_use(dep).await;
     out.emit(&report, || report.human());
     Ok(report)
 }

@@ -150,6 +150,12 @@ pub struct WsClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<DrainSpec>,
 
+    /// Message history: topics whose recent messages are kept (in Redis, or in the pod with the
+    /// in-process broker), so that clients recover what they missed across a reconnect and pods
+    /// cut off from Redis catch up once back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistorySpec>,
+
     /// Let a HorizontalPodAutoscaler (autoscaling/v2) size the cluster. Remove it to go back to
     /// `replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -284,6 +290,37 @@ pub struct DrainSpec {
     /// at the end of the window, so that every client still gets its close frame).
     #[schemars(range(min = 1, max = 1000000))]
     pub max_reconnects_per_second: u32,
+}
+
+/// Message history settings (the gateway's `--history-*` flags).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistorySpec {
+    /// Topics that keep a history: exact names (`news`), prefixes (`orders:*`) or `*` for all.
+    #[schemars(
+        length(min = 1, max = 256),
+        inner(regex(pattern = r"^([a-zA-Z0-9_:.\-]{1,256}\*?|\*)$"))
+    )]
+    pub topics: Vec<String>,
+
+    /// Messages kept per topic.
+    #[serde(default = "default_history_size")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub size: u32,
+
+    /// Seconds a message is kept; a topic's history also expires this long after its last
+    /// message.
+    #[serde(default = "default_history_ttl_seconds")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub ttl_seconds: u32,
+}
+
+fn default_history_size() -> u32 {
+    100
+}
+
+fn default_history_ttl_seconds() -> u32 {
+    300
 }
 
 /// HorizontalPodAutoscaler settings. At least one target must be set.
@@ -463,6 +500,7 @@ impl Default for WsClusterSpec {
             api_key_secret_ref: None,
             drain_timeout_seconds: DEFAULT_DRAIN_TIMEOUT_SECONDS,
             drain: None,
+            history: None,
             autoscaling: None,
             pod_disruption_budget: PodDisruptionBudgetSpec::default(),
             metrics: MetricsSpec::default(),

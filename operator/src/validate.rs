@@ -78,6 +78,32 @@ pub fn validate_spec(spec: &WsClusterSpec) -> Result<(), InvalidSpec> {
              across pods: set spec.redis, or keep spec.replicas at most 1 and autoscaling unset",
         ));
     }
+    if let Some(history) = &spec.history {
+        let valid = |p: &str| {
+            let stem = p.strip_suffix('*').unwrap_or(p);
+            (p == "*" || !stem.is_empty())
+                && stem.len() <= 256
+                && stem
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'.' | b'-'))
+        };
+        if history.topics.is_empty()
+            || history.topics.len() > 256
+            || !history.topics.iter().all(|p| valid(p))
+        {
+            return Err(InvalidSpec::new(
+                "InvalidHistory",
+                "spec.history.topics must be 1 to 256 patterns: a topic name, optionally ending \
+                 in *, or * alone",
+            ));
+        }
+        if !(1..=100_000).contains(&history.size) || !(1..=604_800).contains(&history.ttl_seconds) {
+            return Err(InvalidSpec::new(
+                "InvalidHistory",
+                "spec.history.size must be 1..=100000 and ttlSeconds 1..=604800",
+            ));
+        }
+    }
     if let Some(auto) = &spec.autoscaling {
         if auto.min_replicas < 1 {
             return Err(InvalidSpec::new(
@@ -171,6 +197,25 @@ mod tests {
             validate_spec(&spec).err().map(|e| e.reason),
             Some("RedisRequired")
         );
+    }
+
+    #[test]
+    fn history_patterns_are_checked_like_the_gateway_checks_them() {
+        use crate::crd::HistorySpec;
+        let with = |topics: &[&str]| WsClusterSpec {
+            redis: redis(),
+            history: Some(HistorySpec {
+                topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+                size: 100,
+                ttl_seconds: 300,
+            }),
+            ..WsClusterSpec::default()
+        };
+        assert_eq!(validate_spec(&with(&["news", "orders:*", "*"])), Ok(()));
+        for bad in [&[][..], &["a*b"], &["a b"], &[""], &["**"]] {
+            let err = validate_spec(&with(bad)).unwrap_err();
+            assert_eq!(err.reason, "InvalidHistory", "{bad:?}");
+        }
     }
 
     #[test]

@@ -187,6 +187,14 @@ fn env(wsc: &WsCluster, id: &Identity) -> Vec<EnvVar> {
             drain.max_reconnects_per_second.to_string(),
         ));
     }
+    if let Some(history) = &spec.history {
+        env.push(plain("WSGATE_HISTORY_TOPICS", history.topics.join(",")));
+        env.push(plain("WSGATE_HISTORY_SIZE", history.size.to_string()));
+        env.push(plain(
+            "WSGATE_HISTORY_TTL_SECS",
+            history.ttl_seconds.to_string(),
+        ));
+    }
     if let Some(redis) = &spec.redis {
         if let Some(secret) = &redis.url_secret_ref {
             env.push(from_secret("WSGATE_REDIS_URL", secret));
@@ -627,6 +635,43 @@ mod tests {
             .expect("ru");
         assert_eq!(ru.max_unavailable, Some(IntOrString::Int(0)));
         assert_eq!(ru.max_surge, Some(IntOrString::String("25%".into())));
+    }
+
+    #[test]
+    fn history_settings_reach_the_gateway_as_its_environment() {
+        let env_of = |spec: WsClusterSpec| {
+            build(spec)
+                .spec
+                .expect("spec")
+                .template
+                .spec
+                .expect("pod")
+                .containers[0]
+                .env
+                .clone()
+                .unwrap_or_default()
+        };
+        let env = env_of(WsClusterSpec {
+            history: Some(crate::crd::HistorySpec {
+                topics: vec!["room:*".into(), "news".into()],
+                size: 200,
+                ttl_seconds: 600,
+            }),
+            ..Default::default()
+        });
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            value("WSGATE_HISTORY_TOPICS").as_deref(),
+            Some("room:*,news")
+        );
+        assert_eq!(value("WSGATE_HISTORY_SIZE").as_deref(), Some("200"));
+        assert_eq!(value("WSGATE_HISTORY_TTL_SECS").as_deref(), Some("600"));
+        let without = env_of(WsClusterSpec::default());
+        assert!(!without.iter().any(|e| e.name.starts_with("WSGATE_HISTORY")));
     }
 
     #[test]
