@@ -79,6 +79,7 @@ conformance!(
     since_on_a_topic_without_history_is_answered_and_delivers_plain_frames,
     invalid_since_is_refused_and_the_connection_stays_open,
     concurrent_publishing_during_recoveries_loses_and_doubles_nothing,
+    joining_again_with_since_switches_a_plain_subscriber_to_positions,
 );
 
 async fn join_then_publish_delivers_exactly_that_message(gw: &TestGateway) {
@@ -577,4 +578,35 @@ async fn concurrent_publishing_during_recoveries_loses_and_doubles_nothing(gw: &
         expect_positioned(&mut c, topic, &epoch, since + 1, TOTAL).await;
         expect_nothing_more(gw, &mut c).await;
     }
+}
+
+async fn joining_again_with_since_switches_a_plain_subscriber_to_positions(gw: &TestGateway) {
+    let mut c = gw.client().await;
+    c.join("hist:switch").await;
+    publish_n(gw, "hist:switch", 1, 3).await;
+    for i in 1..=3 {
+        assert_eq!(c.next_text().await, format!("m{i}"));
+    }
+    // It knew m1's position from elsewhere (another tab, a previous session).
+    let mut probe = gw.client().await;
+    let epoch = probe.join_since("hist:switch", json!({})).await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ack = c
+        .join_since("hist:switch", json!({"offset": 1, "epoch": epoch}))
+        .await;
+    assert_eq!(
+        (ack["recovered"].as_bool(), ack["offset"].as_u64()),
+        (Some(true), Some(3))
+    );
+    expect_positioned(&mut c, "hist:switch", &epoch, 2, 3).await;
+    publish_n(gw, "hist:switch", 4, 4).await;
+    expect_positioned(&mut c, "hist:switch", &epoch, 4, 4).await;
+    // Still one subscription, and leaving ends it.
+    let (_, topic) = gw.http().get_json("/api/topics/hist:switch").await;
+    assert_eq!(topic["subscribers"], 2);
+    c.leave("hist:switch").await;
+    publish_n(gw, "hist:switch", 5, 5).await;
+    expect_nothing_more(gw, &mut c).await;
 }

@@ -156,6 +156,19 @@ async fn a_replica_cut_off_alone_receives_everything_published_meanwhile() {
         metric(&scrape, "wsgate_history_gap_fill_failures_total"),
         Some(0.0)
     );
+    // What the history takes in Redis is sampled every few seconds.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let scrape = cut.http().metrics().await;
+        if metric(&scrape, "wsgate_history_bytes").unwrap() > 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "wsgate_history_bytes stayed 0"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The topic without history lost what was published while the replica was cut off
     // (documented), and delivers again.
     cut.http().send(&no_history.socket_id, "marker").await;
@@ -399,4 +412,52 @@ async fn hostile_history_data_in_redis_is_refused() {
     assert_eq!(publish(&http, "feed", "after").await, 200);
     let p = c.next_positioned().await;
     assert_eq!(p.message, "after");
+}
+
+/// Recoveries on one replica while another publishes as fast as it can: every recovered
+/// client receives every offset after its position once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recoveries_racing_publishes_on_another_replica_lose_and_double_nothing() {
+    use rand::Rng;
+    const TOTAL: u64 = 300;
+    let redis = RedisServer::start();
+    let gws = fleet(&redis, 2, "race", &HISTORY).await;
+    let (joiner, publisher) = (&gws[0], gws[1].http());
+    let mut first = joiner.client().await;
+    first.join_since("feed", json!({})).await;
+    assert_eq!(publish(&publisher, "feed", "m1").await, 200);
+    let epoch = first.next_positioned().await.epoch;
+    let task = tokio::spawn(async move {
+        for i in 2..=TOTAL {
+            assert_eq!(publish(&publisher, "feed", &format!("m{i}")).await, 200);
+        }
+    });
+    let mut rng = rand::rng();
+    let mut recovered = Vec::new();
+    for _ in 0..10 {
+        let mut probe = joiner.client().await;
+        let top = probe.join_since("feed", json!({})).await["offset"]
+            .as_u64()
+            .unwrap();
+        drop(probe);
+        let since = top.saturating_sub(rng.random_range(0..30u64)).max(1);
+        let mut c = joiner.client().await;
+        let ack = c
+            .join_since("feed", json!({"offset": since, "epoch": epoch}))
+            .await;
+        assert_eq!(ack["recovered"], true, "{ack}");
+        recovered.push((c, since));
+        for _ in 0..rng.random_range(0..50) {
+            tokio::task::yield_now().await;
+        }
+    }
+    task.await.unwrap();
+    for (mut c, since) in recovered {
+        for i in since + 1..=TOTAL {
+            let p = c.next_positioned().await;
+            assert_eq!((p.offset, p.message), (i, format!("m{i}")));
+        }
+        joiner.http().send(&c.socket_id, "marker").await;
+        assert_eq!(c.next_text().await, "marker");
+    }
 }

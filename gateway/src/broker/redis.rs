@@ -87,8 +87,8 @@ const POSITION_TTL_FACTOR: u32 = 10;
 const GAP_FILL_CONCURRENCY: usize = 32;
 /// History streams measured per `wsgate_history_bytes` update.
 const MEASURED_STREAMS: usize = 1000;
-/// Heartbeats between two `wsgate_history_bytes` updates.
-const MEASURE_EVERY: u32 = 20;
+/// Heartbeats between two `wsgate_history_bytes` updates (the first comes after two).
+const MEASURE_EVERY: u32 = 10;
 
 /// Appends one message to a topic's history and publishes it, in one atomic step. Trimming by
 /// age costs about a third of the script, so it runs every 16th message only: a message may
@@ -484,7 +484,7 @@ impl Inner {
             tokio::select! {
                 _ = tick.tick() => {
                     ticks = ticks.wrapping_add(1);
-                    if self.history.is_some() && ticks.is_multiple_of(MEASURE_EVERY) && self.up.load(Ordering::Acquire) {
+                    if self.history.is_some() && ticks % MEASURE_EVERY == 2 && self.up.load(Ordering::Acquire) {
                         self.measure_history().await;
                     }
                 }
