@@ -997,6 +997,106 @@ mod tests {
         assert_eq!(hub.topic_count(), 0);
     }
 
+    fn text(s: &str) -> Message {
+        Message::Text(Bytes::from(s.to_owned()))
+    }
+
+    fn at(offset: u64) -> Position {
+        Position {
+            offset,
+            epoch: "e".into(),
+        }
+    }
+
+    /// Closes `conn` and returns every frame its writer sends: (opcode, payload).
+    async fn frames_of(hub: &Hub, conn: &Conn) -> Vec<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        conn.outbox.close(1000, "", CloseReason::Client, false);
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        conn.outbox.run_writer(server, hub.metrics()).await;
+        let mut raw = Vec::new();
+        client.read_to_end(&mut raw).await.unwrap();
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < raw.len() {
+            let opcode = raw[at] & 0x0f;
+            let (len, header) = match raw[at + 1] & 0x7f {
+                126 => (
+                    usize::from(u16::from_be_bytes([raw[at + 2], raw[at + 3]])),
+                    4,
+                ),
+                127 => unreachable!("no frame that large here"),
+                n => (usize::from(n), 2),
+            };
+            out.push((opcode, raw[at + header..at + header + len].to_vec()));
+            at += header + len;
+        }
+        out
+    }
+
+    fn offset_of(payload: &[u8]) -> Option<u64> {
+        let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+        v["data"]["offset"].as_u64()
+    }
+
+    #[tokio::test]
+    async fn a_recovery_sends_the_ack_the_missed_then_the_waiting_messages_each_once() {
+        let hub = hub();
+        let conn = hub.register(None);
+        hub.open_without_session(&conn);
+        let t = Topic::new("t").unwrap();
+        let p = hub.join_positioned(&conn, &t).unwrap().unwrap();
+        let channel = Channel::Topic(t.clone());
+        // Published while the history was being read: 2 and 3 are also in what it returns.
+        for k in 2..=4 {
+            hub.deliver(&channel, text(&format!("m{k}")), Some(&at(k)));
+        }
+        let recovery = Recovery {
+            top: Some(at(3)),
+            entries: (1..=3).map(|k| (at(k), text(&format!("m{k}")))).collect(),
+            outcome: Ok(()),
+        };
+        hub.finish_recovery(&p, Some(frame::text(b"ack")), &recovery);
+        // Live again: a copy of 4 is skipped, 5 goes out.
+        hub.deliver(&channel, text("m4"), Some(&at(4)));
+        hub.deliver(&channel, text("m5"), Some(&at(5)));
+        let frames = frames_of(&hub, &conn).await;
+        assert_eq!(frames[0], (1, b"ack".to_vec()));
+        let offsets: Vec<Option<u64>> = frames[1..frames.len() - 1]
+            .iter()
+            .map(|(_, payload)| offset_of(payload))
+            .collect();
+        assert_eq!(offsets, [1, 2, 3, 4, 5].map(Some));
+        assert_eq!(frames.last().unwrap().0, 8, "ends with the close");
+    }
+
+    #[tokio::test]
+    async fn a_connection_too_far_behind_while_recovering_is_closed_with_1013() {
+        let hub = hub();
+        let conn = hub.register(None);
+        hub.open_without_session(&conn);
+        let t = Topic::new("t").unwrap();
+        let p = hub.join_positioned(&conn, &t).unwrap().unwrap();
+        let channel = Channel::Topic(t);
+        // The queue holds 10 messages; 11 wait.
+        for k in 1..=11 {
+            hub.deliver(&channel, text("m"), Some(&at(k)));
+        }
+        hub.finish_recovery(
+            &p,
+            None,
+            &Recovery::failed(crate::history::RecoveryFailure::TooOld),
+        );
+        assert_eq!(conn.outbox.close_reason(), Some(CloseReason::SlowConsumer));
+        let frames = frames_of(&hub, &conn).await;
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].0, 8);
+        assert_eq!(
+            u16::from_be_bytes([frames[0].1[0], frames[0].1[1]]),
+            frame::close_code::TRY_AGAIN_LATER
+        );
+    }
+
     #[test]
     fn the_connection_limit_is_enforced_by_slots() {
         let hub = hub();
