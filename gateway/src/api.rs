@@ -16,7 +16,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
-use crate::broker::Message;
+use crate::broker::{BrokerError, Message};
 use crate::conn::{self, ConnSettings, MessageHandler};
 use crate::error::{ApiError, ErrorCode};
 use crate::hub::Hub;
@@ -32,6 +32,10 @@ pub struct ApiSettings {
     pub allow_unauthenticated: bool,
     /// Largest published message.
     pub max_message_bytes: usize,
+    /// Most messages in one batch.
+    pub max_batch_messages: usize,
+    /// Largest batch body.
+    pub max_batch_bytes: usize,
     /// WebSocket path.
     pub ws_path: String,
 }
@@ -61,6 +65,7 @@ pub fn router(
     };
     let api_routes = Router::new()
         .route("/publish", post(publish))
+        .route("/batch", post(batch))
         .route("/broadcast", post(broadcast))
         .route("/send", post(send))
         .route("/disconnect", post(disconnect))
@@ -327,34 +332,113 @@ pub fn parse_json_body(
     let body: Body = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
     let channel = channel_for(kind, body.topic, body.socket_id)?;
-    let text = match (body.message, body.name) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::BadRequest(
-                "use either \"message\" or \"name\"/\"data\", not both".into(),
-            ));
-        }
-        (Some(message), None) => {
-            if body.data.is_some() {
-                return Err(ApiError::BadRequest(
-                    "\"data\" goes with \"name\", not \"message\"".into(),
-                ));
-            }
-            message
-        }
-        (None, Some(name)) => {
-            let data = body.data.as_deref().map_or("null", RawValue::get);
-            protocol::envelope(&name, data)
-        }
-        (None, None) => {
-            return Err(ApiError::BadRequest(
-                "\"message\" or \"name\" is required".into(),
-            ));
-        }
-    };
+    let text = text_of(body.message, body.name, body.data.as_deref())?;
     if text.len() > max_message_bytes {
         return Err(ApiError::TooLarge(max_message_bytes));
     }
     Ok((channel, Message::Text(Bytes::from(text))))
+}
+
+/// The text of a message given as `message`, or as `name`/`data` (the seed's envelope).
+fn text_of(
+    message: Option<String>,
+    name: Option<String>,
+    data: Option<&RawValue>,
+) -> Result<String, ApiError> {
+    match (message, name) {
+        (Some(_), Some(_)) => Err(ApiError::BadRequest(
+            "use either \"message\" or \"name\"/\"data\", not both".into(),
+        )),
+        (Some(message), None) => {
+            if data.is_some() {
+                return Err(ApiError::BadRequest(
+                    "\"data\" goes with \"name\", not \"message\"".into(),
+                ));
+            }
+            Ok(message)
+        }
+        (None, Some(name)) => Ok(protocol::envelope(
+            &name,
+            data.map_or("null", RawValue::get),
+        )),
+        (None, None) => Err(ApiError::BadRequest(
+            "\"message\" or \"name\" is required".into(),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    messages: Vec<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItem {
+    topic: Option<String>,
+    #[serde(rename = "socketId")]
+    socket_id: Option<String>,
+    #[serde(default)]
+    broadcast: bool,
+    message: Option<String>,
+    /// A binary message, base64-encoded.
+    binary: Option<String>,
+    name: Option<String>,
+    data: Option<Box<RawValue>>,
+}
+
+/// Parses one item of a batch: exactly one target (`topic`, `socketId` or `"broadcast":true`)
+/// and exactly one message (`message`, `binary` in base64, or `name`/`data`).
+///
+/// # Errors
+/// What is wrong with the item, as for a single publish.
+pub fn parse_batch_item(
+    item: &RawValue,
+    max_message_bytes: usize,
+) -> Result<(Channel, Message), ApiError> {
+    let item: BatchItem = serde_json::from_str(item.get())
+        .map_err(|e| ApiError::BadRequest(format!("invalid item: {e}")))?;
+    let channel = match (item.topic, item.socket_id, item.broadcast) {
+        (Some(t), None, false) => topic_field(Some(t)).map(Channel::Topic)?,
+        (None, Some(s), false) => socket_field(Some(s)).map(Channel::Socket)?,
+        (None, None, true) => Channel::Broadcast,
+        _ => {
+            return Err(ApiError::BadRequest(
+                "an item needs exactly one of \"topic\", \"socketId\" and \"broadcast\":true"
+                    .into(),
+            ));
+        }
+    };
+    let message = match item.binary {
+        Some(b64) => {
+            if item.message.is_some() || item.name.is_some() || item.data.is_some() {
+                return Err(ApiError::BadRequest(
+                    "\"binary\" goes alone, without \"message\", \"name\" or \"data\"".into(),
+                ));
+            }
+            if b64.len() / 4 * 3 > max_message_bytes.saturating_add(3) {
+                return Err(ApiError::TooLarge(max_message_bytes));
+            }
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|_| ApiError::InvalidField {
+                    field: "binary",
+                    reason: "is not valid base64".into(),
+                })?;
+            Message::Binary(Bytes::from(bytes))
+        }
+        None => Message::Text(Bytes::from(text_of(
+            item.message,
+            item.name,
+            item.data.as_deref(),
+        )?)),
+    };
+    if message.len() > max_message_bytes {
+        return Err(ApiError::TooLarge(max_message_bytes));
+    }
+    Ok((channel, message))
 }
 
 async fn deliver(
@@ -387,6 +471,76 @@ async fn deliver(
     }
     st.hub.publish(&channel, message).await?;
     Ok(Json(json!({ "ok": true })).into_response())
+}
+
+/// `POST /api/batch`: `{"messages":[item, …]}`, each item published as by its own call. Every
+/// item is answered in `results`, in order. The status is 200 only when every item was
+/// accepted; otherwise it is the gravest item failure's (504, then 503, then 400/413), so
+/// that a 2xx still means every message was accepted.
+async fn batch(State(st): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    if !matches!(content_kind(req.headers())?, ContentKind::Json) {
+        return Err(ApiError::BadRequest(
+            "a batch is a JSON body: {\"messages\":[…]}".into(),
+        ));
+    }
+    let limit = st.api.max_batch_bytes;
+    let body = read_body(req, limit, limit).await?;
+    let parsed: BatchBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid batch: {e}")))?;
+    let max = st.api.max_batch_messages;
+    if parsed.messages.is_empty() || parsed.messages.len() > max {
+        return Err(ApiError::BadRequest(format!(
+            "a batch carries 1 to {max} messages, not {}",
+            parsed.messages.len()
+        )));
+    }
+    let items: Vec<Result<(Channel, Message), ApiError>> = parsed
+        .messages
+        .iter()
+        .map(|raw| parse_batch_item(raw, st.api.max_message_bytes))
+        .collect();
+    drop(parsed);
+    let valid: Vec<(Channel, Message)> = items
+        .iter()
+        .filter_map(|r| r.as_ref().ok().cloned())
+        .collect();
+    let mut sent = st.hub.publish_batch(valid).await.into_iter();
+    let results: Vec<Result<(), ApiError>> = items
+        .into_iter()
+        .map(|item| match item {
+            Ok(_) => sent
+                .next()
+                .unwrap_or(Err(BrokerError::Stopped))
+                .map_err(ApiError::from),
+            Err(e) => Err(e),
+        })
+        .collect();
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    // The gravest failure decides the status: unknown outcome, then not sent, then bad input.
+    let worst = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .max_by_key(|e| match e {
+            ApiError::BrokerTimeout => 3,
+            ApiError::BrokerUnavailable(_) => 2,
+            _ => 1,
+        })
+        .map(ApiError::status_and_code);
+    let body = json!({
+        "ok": failed == 0,
+        "accepted": results.len() - failed,
+        "failed": failed,
+        "results": results.iter().map(|r| match r {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => json!({"ok": false, "error": {"code": e.status_and_code().1, "message": e.to_string()}}),
+        }).collect::<Vec<_>>(),
+    });
+    let mut resp = Json(body).into_response();
+    if let Some((status, code)) = worst {
+        *resp.status_mut() = status;
+        resp.extensions_mut().insert(ErrorCode(code));
+    }
+    Ok(resp)
 }
 
 async fn publish(

@@ -34,6 +34,11 @@ pub const DEFAULT_QUEUE_MESSAGES: usize = 1024;
 /// Default outbound queue bytes.
 pub const DEFAULT_QUEUE_BYTES: usize = 8 * 1024 * 1024;
 
+/// Default most messages in one batch publish.
+pub const DEFAULT_MAX_BATCH_MESSAGES: usize = 1000;
+/// Default largest batch publish body.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
 /// Default time a closing connection gets to flush its close frame.
 pub const DEFAULT_CLOSE_TIMEOUT_MS: u64 = 5000;
 
@@ -147,6 +152,14 @@ pub struct Config {
     /// Largest message accepted by the publish API in bytes.
     #[arg(long, env = "WSGATE_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES, value_name = "BYTES")]
     pub max_message_bytes: usize,
+
+    /// Most messages in one `POST /api/batch`.
+    #[arg(long, env = "WSGATE_MAX_BATCH_MESSAGES", default_value_t = DEFAULT_MAX_BATCH_MESSAGES, value_name = "N")]
+    pub max_batch_messages: usize,
+
+    /// Largest `POST /api/batch` body in bytes.
+    #[arg(long, env = "WSGATE_MAX_BATCH_BYTES", default_value_t = DEFAULT_MAX_BATCH_BYTES, value_name = "BYTES")]
+    pub max_batch_bytes: usize,
 
     /// Most topics one connection may join.
     #[arg(long, env = "WSGATE_MAX_TOPICS_PER_CONNECTION", default_value_t = DEFAULT_MAX_TOPICS_PER_CONNECTION, value_name = "N")]
@@ -309,6 +322,18 @@ impl Config {
             return Err(invalid(
                 "--max-message-bytes (WSGATE_MAX_MESSAGE_BYTES)",
                 "must be 1..=268435456",
+            ));
+        }
+        if !(1..=100_000).contains(&self.max_batch_messages) {
+            return Err(invalid(
+                "--max-batch-messages (WSGATE_MAX_BATCH_MESSAGES)",
+                "must be 1..=100000",
+            ));
+        }
+        if !(1024..=256 * 1024 * 1024).contains(&self.max_batch_bytes) {
+            return Err(invalid(
+                "--max-batch-bytes (WSGATE_MAX_BATCH_BYTES)",
+                "must be 1024..=268435456",
             ));
         }
         if self.max_topics_per_connection == 0 {
@@ -483,6 +508,8 @@ mod tests {
             (&["--history-topics", "a b"], "--history-topics"),
             (&["--history-topics", "a*b"], "--history-topics"),
             (&["--history-size", "0"], "--history-size"),
+            (&["--max-batch-messages", "0"], "--max-batch-messages"),
+            (&["--max-batch-bytes", "10"], "--max-batch-bytes"),
             (&["--history-size", "100001"], "--history-size"),
             (&["--history-ttl-secs", "0"], "--history-ttl-secs"),
             (&["--history-ttl-secs", "604801"], "--history-ttl-secs"),

@@ -204,6 +204,8 @@ impl Gateway {
             api_key: self.config.api_key.clone(),
             allow_unauthenticated: self.config.api_allow_unauthenticated,
             max_message_bytes: self.config.max_message_bytes,
+            max_batch_messages: self.config.max_batch_messages,
+            max_batch_bytes: self.config.max_batch_bytes,
             ws_path: self.config.ws_path.clone(),
         };
         api::router(
@@ -264,6 +266,19 @@ impl Gateway {
     /// [`Error::Publish`] when the broker refused.
     pub async fn send(&self, socket: SocketId, message: Message) -> Result<()> {
         Ok(self.hub.publish(&Channel::Socket(socket), message).await?)
+    }
+
+    /// Publishes many messages at once — to topics, to everyone ([`Channel::Broadcast`]) or to
+    /// single connections — sent to the broker together (with Redis: pipelined on one
+    /// connection, in order). Each gets its own answer, in the same order: `Ok` means the
+    /// broker accepted that message.
+    pub async fn publish_batch(&self, items: Vec<(Channel, Message)>) -> Vec<Result<()>> {
+        self.hub
+            .publish_batch(items)
+            .await
+            .into_iter()
+            .map(|r| r.map_err(Error::from))
+            .collect()
     }
 
     /// Subscribes a local connection to `topic`.

@@ -80,6 +80,10 @@ conformance!(
     invalid_since_is_refused_and_the_connection_stays_open,
     concurrent_publishing_during_recoveries_loses_and_doubles_nothing,
     joining_again_with_since_switches_a_plain_subscriber_to_positions,
+    a_batch_delivers_every_kind_of_item_and_answers_each,
+    a_batch_keeps_the_order_of_its_items,
+    a_batch_with_bad_items_publishes_the_good_ones_and_says_which_failed,
+    malformed_batches_publish_nothing,
 );
 
 async fn join_then_publish_delivers_exactly_that_message(gw: &TestGateway) {
@@ -608,5 +612,154 @@ async fn joining_again_with_since_switches_a_plain_subscriber_to_positions(gw: &
     assert_eq!(topic["subscribers"], 2);
     c.leave("hist:switch").await;
     publish_n(gw, "hist:switch", 5, 5).await;
+    expect_nothing_more(gw, &mut c).await;
+}
+
+async fn post_batch(gw: &TestGateway, messages: serde_json::Value) -> (u16, serde_json::Value) {
+    gw.http()
+        .post_json("/api/batch", json!({ "messages": messages }))
+        .await
+}
+
+async fn a_batch_delivers_every_kind_of_item_and_answers_each(gw: &TestGateway) {
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    a.join("batch:a").await;
+    b.join("batch:b").await;
+    let (status, body) = post_batch(
+        gw,
+        json!([
+            {"topic": "batch:a", "message": "text"},
+            {"topic": "batch:b", "name": "evt", "data": {"n": 1}},
+            {"topic": "batch:a", "binary": "AAH/"},
+            {"socketId": b.socket_id, "message": "direct"},
+            {"broadcast": true, "message": "everyone"},
+            {"topic": "hist:batch", "message": "kept"},
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"ok": true, "accepted": 6, "failed": 0, "results": vec![json!({"ok": true}); 6]})
+    );
+    assert_eq!(a.next_text().await, "text");
+    assert_eq!(a.next().await, Received::Binary(vec![0, 1, 255]));
+    assert_eq!(a.next_text().await, "everyone");
+    let env = b.next_json().await;
+    assert_eq!(
+        (env["name"].as_str(), &env["data"]),
+        (Some("evt"), &json!({"n": 1}))
+    );
+    assert_eq!(b.next_text().await, "direct");
+    assert_eq!(b.next_text().await, "everyone");
+    // The history topic's item got a position like any publish.
+    let mut late = gw.client().await;
+    let ack = late.join_since("hist:batch", json!({})).await;
+    assert_eq!(ack["offset"], 1);
+    let scrape = gw.http().metrics().await;
+    assert!(metric(&scrape, "wsgate_messages_published_total").unwrap() >= 6.0);
+}
+
+async fn a_batch_keeps_the_order_of_its_items(gw: &TestGateway) {
+    let mut c = gw.client().await;
+    c.join("batch:order").await;
+    let items: Vec<serde_json::Value> = (0..300)
+        .map(|i| json!({"topic": "batch:order", "message": format!("m{i}")}))
+        .collect();
+    let (status, body) = post_batch(gw, json!(items)).await;
+    assert_eq!(status, 200, "{body}");
+    for i in 0..300 {
+        assert_eq!(c.next_text().await, format!("m{i}"));
+    }
+}
+
+async fn a_batch_with_bad_items_publishes_the_good_ones_and_says_which_failed(gw: &TestGateway) {
+    let mut c = gw.client().await;
+    c.join("batch:mixed").await;
+    let (status, body) = post_batch(
+        gw,
+        json!([
+            {"topic": "batch:mixed", "message": "first"},
+            {"topic": "bad topic", "message": "x"},
+            {"topic": "batch:mixed", "socketId": c.socket_id, "message": "two targets"},
+            {"message": "no target"},
+            {"topic": "batch:mixed"},
+            {"topic": "batch:mixed", "message": "x", "name": "both"},
+            {"topic": "batch:mixed", "binary": "***"},
+            {"topic": "batch:mixed", "message": "x", "unknown": 1},
+            {"socketId": "not-a-uuid", "message": "x"},
+            {"topic": "__broadcast__", "message": "reserved"},
+            "not an object",
+            {"topic": "batch:mixed", "message": "last"},
+        ]),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        (body["accepted"].as_u64(), body["failed"].as_u64()),
+        (Some(2), Some(10))
+    );
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 12);
+    assert_eq!(results[0], json!({"ok": true}));
+    assert_eq!(results[11], json!({"ok": true}));
+    for r in &results[1..11] {
+        assert_eq!(r["ok"], false, "{r}");
+        let code = r["error"]["code"].as_str().unwrap();
+        assert!(code == "bad_request" || code == "invalid_field", "{r}");
+        assert!(!r["error"]["message"].as_str().unwrap().is_empty());
+    }
+    assert_eq!(c.next_text().await, "first");
+    assert_eq!(c.next_text().await, "last");
+    expect_nothing_more(gw, &mut c).await;
+}
+
+async fn malformed_batches_publish_nothing(gw: &TestGateway) {
+    let mut c = gw.client().await;
+    c.join("batch:none").await;
+    let item = json!({"topic": "batch:none", "message": "x"});
+    let too_many: Vec<serde_json::Value> = (0..1001).map(|_| item.clone()).collect();
+    for (body, want) in [
+        (json!({"messages": []}), 400),
+        (json!({"messages": too_many}), 400),
+        (json!({"messages": item}), 400),
+        (json!([item]), 400),
+        (json!({"messages": [item], "extra": 1}), 400),
+    ] {
+        let (status, answer) = gw.http().post_json("/api/batch", body).await;
+        assert_eq!(status, want, "{answer}");
+        assert!(answer["error"]["code"].is_string(), "{answer}");
+    }
+    let http = gw.http();
+    let raw = |ct: &'static str, body: Vec<u8>| {
+        http.post("/api/batch")
+            .header("content-type", ct)
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        raw("application/json", b"{not json".to_vec())
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        raw("application/octet-stream", b"{}".to_vec())
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    // Over --max-batch-bytes (4 MiB by default).
+    let huge = format!(
+        r#"{{"messages":[{{"topic":"batch:none","message":"{}"}}]}}"#,
+        "x".repeat(5 << 20)
+    );
+    // Refused early (413), or the connection is cut while the body is still being sent.
+    if let Ok(r) = raw("application/json", huge.into_bytes()).await {
+        assert_eq!(r.status(), 413);
+    }
     expect_nothing_more(gw, &mut c).await;
 }

@@ -461,3 +461,49 @@ async fn recoveries_racing_publishes_on_another_replica_lose_and_double_nothing(
         assert_eq!(c.next_text().await, "marker");
     }
 }
+
+/// Redis frozen while a batch is in flight: no item is answered 2xx; each unanswered item is
+/// a 504 (the outcome is unknown), and publishing works again once Redis does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_to_a_frozen_redis_answers_504_for_every_unanswered_item() {
+    let redis = RedisServer::start();
+    let gws = fleet(&redis, 1, "frozen", &HISTORY).await;
+    let http = gws[0].http();
+    let items: Vec<serde_json::Value> = (0..50)
+        .map(|i| {
+            if i % 2 == 0 {
+                json!({"topic": "feed", "message": format!("m{i}")})
+            } else {
+                json!({"topic": "plain", "message": format!("m{i}")})
+            }
+        })
+        .collect();
+    redis.signal("-STOP");
+    let (status, body) = http
+        .post_json("/api/batch", json!({ "messages": items }))
+        .await;
+    redis.signal("-CONT");
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["accepted"], 0);
+    for r in body["results"].as_array().unwrap() {
+        assert_eq!(r["error"]["code"], "broker_timeout", "{r}");
+    }
+    wait_ready(&http, 200).await;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, _) = http
+            .post_json(
+                "/api/batch",
+                json!({"messages": [{"topic": "plain", "message": "again"}]}),
+            )
+            .await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "publishing never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

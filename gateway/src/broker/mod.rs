@@ -113,6 +113,21 @@ pub trait Broker: Send + Sync + 'static {
         Box::pin(async { Recovery::failed(RecoveryFailure::NoHistory) })
     }
 
+    /// Publishes every item; each gets its own answer, in order. Items are handed to the
+    /// broker in order, so messages to one topic keep their order.
+    fn publish_batch(
+        &self,
+        items: Vec<(Channel, Message)>,
+    ) -> BoxFuture<'_, Vec<Result<(), BrokerError>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(items.len());
+            for (channel, message) in items {
+                out.push(self.publish(&channel, message).await);
+            }
+            out
+        })
+    }
+
     /// Whether the broker is connected and able to deliver.
     fn is_up(&self) -> bool;
 

@@ -905,7 +905,21 @@ impl Inner {
                         .send_replace(PubConn::Closed("broker stopped".into()));
                     return;
                 }
-                Ok(Ok(conn)) => {
+                Ok(Ok(mut conn)) => {
+                    if self.history.is_some() {
+                        // Loaded now, so that a batch of history publishes is not split by
+                        // NOSCRIPT answers (and the first publish needs no second trip).
+                        let load = async {
+                            self.append_script.load_async(&mut conn).await?;
+                            self.read_script.load_async(&mut conn).await
+                        };
+                        if let Err(e) = tokio::time::timeout(self.timeout, load)
+                            .await
+                            .unwrap_or_else(|_| Err(timeout_error()))
+                        {
+                            tracing::debug!(error = %e, "could not load the history scripts yet");
+                        }
+                    }
                     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
                     self.publisher.send_replace(PubConn::Ready(conn, id));
                     if background {
@@ -995,28 +1009,103 @@ impl Inner {
         if let Some(e) = self.refuse_publish() {
             return Err(e);
         }
-        let Some(settings) = &self.history else {
+        let Some(cmd) = self.append_command(&topic, &channel, head) else {
             return Err(BrokerError::Setup("no history settings".into()));
         };
-        let (stream, position) = self.history_keys(&topic);
+        let offset: u64 = self
+            .run(deadline, "history append", async |mut conn| {
+                match cmd.query_async(&mut conn).await {
+                    Err(e) if e.code() == Some("NOSCRIPT") => {
+                        self.append_script.load_async(&mut conn).await?;
+                        cmd.query_async(&mut conn).await
+                    }
+                    other => other,
+                }
+            })
+            .await?;
+        tracing::trace!(%channel, offset, "published with history");
+        Ok(())
+    }
+
+    /// The `EVALSHA` of [`APPEND_AND_PUBLISH`] for one message of `topic` (`None` without
+    /// history settings).
+    fn append_command(&self, topic: &Topic, channel: &str, head: Vec<u8>) -> Option<redis::Cmd> {
+        let settings = self.history.as_ref()?;
+        let (stream, position) = self.history_keys(topic);
         let ttl_ms = settings.ttl.as_millis().max(1) as u64;
-        let mut invocation = self.append_script.prepare_invoke();
-        invocation
-            .key(stream)
-            .key(position)
-            .arg(&channel)
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.append_script.get_hash())
+            .arg(2)
+            .arg(stream)
+            .arg(position)
+            .arg(channel)
             .arg(head)
             .arg(settings.size)
             .arg(ttl_ms)
             .arg(ttl_ms.saturating_mul(u64::from(POSITION_TTL_FACTOR)))
             .arg(&*new_epoch());
-        let offset: u64 = self
-            .run(deadline, "history append", async |mut conn| {
-                invocation.invoke_async(&mut conn).await
+        Some(cmd)
+    }
+
+    /// Publishes `commands` (PUBLISH or the history script, one per message) in one pipeline:
+    /// one write, one round trip, executed in order. Each gets its own answer; when the
+    /// pipeline is not answered by the deadline, every item is a `Timeout` (Redis may have run
+    /// some of them: the outcome is unknown).
+    async fn publish_pipeline(
+        self: Arc<Self>,
+        commands: Vec<redis::Cmd>,
+    ) -> Vec<Result<(), BrokerError>> {
+        let deadline = Deadline::now() + self.timeout;
+        let n = commands.len();
+        if let Some(e) = self.refuse_publish() {
+            return vec![Err(e); n];
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for c in &commands {
+            pipe.add_command(c.clone());
+        }
+        let answers: Vec<Result<redis::Value, RedisError>> = match self
+            .run(deadline, "pipelined publish", async |mut conn| {
+                let mut answers: Vec<Result<redis::Value, RedisError>> =
+                    pipe.query_async(&mut conn).await?;
+                // The script is loaded on connect; if Redis lost it meanwhile, load it and run
+                // again, in order, the items it refused (no other item of their topics ran).
+                let refused: Vec<usize> = (0..answers.len())
+                    .filter(|i| matches!(&answers[*i], Err(e) if e.code() == Some("NOSCRIPT")))
+                    .collect();
+                if !refused.is_empty() {
+                    self.append_script.load_async(&mut conn).await?;
+                    let mut again = redis::pipe();
+                    again.ignore_errors();
+                    for i in &refused {
+                        again.add_command(commands[*i].clone());
+                    }
+                    let retried: Vec<Result<redis::Value, RedisError>> =
+                        again.query_async(&mut conn).await?;
+                    for (i, r) in refused.into_iter().zip(retried) {
+                        answers[i] = r;
+                    }
+                }
+                Ok(answers)
             })
-            .await?;
-        tracing::trace!(%channel, offset, "published with history");
-        Ok(())
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => return vec![Err(e); n],
+        };
+        let mut out: Vec<Result<(), BrokerError>> = answers
+            .into_iter()
+            .map(|a| {
+                a.map(drop)
+                    .map_err(|e| BrokerError::Unavailable(format!("Redis refused: {e}")))
+            })
+            .collect();
+        out.resize(
+            n,
+            Err(BrokerError::Unavailable("no answer from Redis".into())),
+        );
+        out
     }
 
     /// PUBLISH without the readiness checks, answered by `deadline`: `Unavailable` when
@@ -1516,6 +1605,33 @@ impl Broker for RedisBroker {
         }
         let payload = wire::encode(&channel.topic_name(), &message);
         Box::pin(self.inner.clone().publish(name, payload))
+    }
+
+    fn publish_batch(
+        &self,
+        items: Vec<(Channel, Message)>,
+    ) -> BoxFuture<'_, Vec<Result<(), BrokerError>>> {
+        let commands: Vec<redis::Cmd> =
+            items
+                .iter()
+                .map(|(channel, message)| {
+                    let name = self.inner.channel_name(channel);
+                    let topic_name = channel.topic_name();
+                    let history = self.inner.history.as_ref().and_then(|h| h.topic(channel));
+                    match history {
+                        Some(topic) if *message != Message::Disconnect => self
+                            .inner
+                            .append_command(topic, &name, wire::encode_head(&topic_name, message)),
+                        _ => None,
+                    }
+                    .unwrap_or_else(|| {
+                        let mut cmd = redis::cmd("PUBLISH");
+                        cmd.arg(name).arg(wire::encode(&topic_name, message));
+                        cmd
+                    })
+                })
+                .collect();
+        Box::pin(self.inner.clone().publish_pipeline(commands))
     }
 
     fn history(&self) -> Option<&HistorySettings> {
