@@ -192,6 +192,10 @@ pub struct Shape {
     /// Concurrent publisher tasks (default: enough for the rate).
     #[arg(long)]
     pub publishers: Option<usize>,
+    /// Messages per publish request: above 1, consecutive messages go together in one
+    /// `POST /api/batch` (the batch is due when its first message is).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub batch: u64,
     /// After the last publish, wait at most this long for missing deliveries.
     #[arg(long, default_value_t = 10.0, value_name = "SECS")]
     pub drain_secs: f64,

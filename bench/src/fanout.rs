@@ -245,7 +245,7 @@ impl Session {
 
         let workers = shape
             .publishers
-            .unwrap_or_else(|| ((rate / 50.0).ceil() as usize).clamp(2, 128))
+            .unwrap_or_else(|| ((rate / 50.0 / shape.batch as f64).ceil() as usize).clamp(2, 128))
             .max(1);
         let publisher = Publisher {
             api: dep.api.clone(),
@@ -254,6 +254,7 @@ impl Session {
             rate,
             messages,
             size: shape.size,
+            batch: shape.batch,
             sent: Arc::new(AtomicU64::new(0)),
         };
         let sent = publisher.sent.clone();
@@ -540,6 +541,8 @@ struct Publisher {
     rate: f64,
     messages: u64,
     size: usize,
+    /// Messages per request (`POST /api/batch` above 1).
+    batch: u64,
     sent: Arc<AtomicU64>,
 }
 
@@ -611,6 +614,9 @@ impl Publisher {
         start: Instant,
         workers: usize,
     ) -> Result<PublishStats> {
+        if self.batch > 1 {
+            return self.run_batched(client, start, workers).await;
+        }
         let url = self.api.url("api/publish")?;
         let next = Arc::new(AtomicU64::new(0));
         let this = Arc::new(self);
@@ -670,6 +676,111 @@ impl Publisher {
                         }
                     }
                     this.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                stats
+            }));
+        }
+        let mut total = PublishStats::new(this.topics.len());
+        for h in handles {
+            total.merge(
+                h.await
+                    .map_err(|e| anyhow!("publisher worker failed: {e}"))?,
+            );
+        }
+        Ok(total)
+    }
+}
+
+impl Publisher {
+    /// Like [`Publisher::run`], with `batch` consecutive messages per `POST /api/batch`; each
+    /// item counts as accepted or failed by its own answer.
+    async fn run_batched(
+        self,
+        client: reqwest::Client,
+        start: Instant,
+        workers: usize,
+    ) -> Result<PublishStats> {
+        let url = self.api.url("api/batch")?;
+        let next = Arc::new(AtomicU64::new(0));
+        let this = Arc::new(self);
+        let mut handles = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (client, url, next, this) =
+                (client.clone(), url.clone(), next.clone(), this.clone());
+            handles.push(tokio::spawn(async move {
+                let mut stats = PublishStats::new(this.topics.len());
+                loop {
+                    let first = next.fetch_add(this.batch, Ordering::Relaxed);
+                    if first >= this.messages {
+                        break;
+                    }
+                    let end = (first + this.batch).min(this.messages);
+                    let due = start + Duration::from_secs_f64(first as f64 / this.rate);
+                    tokio::time::sleep_until(due).await;
+                    let begin = Instant::now();
+                    stats.max_lag = stats.max_lag.max(begin - due);
+                    stats.last_start = stats.last_start.max((begin - start).as_secs_f64());
+                    let stamp = client::unix_nanos();
+                    let mut body = String::from(r#"{"messages":["#);
+                    for seq in first..end {
+                        if seq > first {
+                            body.push(',');
+                        }
+                        let topic = &this.topics[(seq % this.topics.len() as u64) as usize];
+                        let payload = client::encode_payload(this.run, seq, stamp, this.size);
+                        body.push_str(&format!(r#"{{"topic":"{topic}","message":"{payload}"}}"#));
+                    }
+                    body.push_str("]}");
+                    let mut req = client
+                        .post(url.clone())
+                        .header("content-type", "application/json")
+                        .body(body);
+                    if let Some(key) = &this.api.key {
+                        req = req.bearer_auth(key);
+                    }
+                    // Per item: accepted, or why not.
+                    let outcome: Vec<Result<(), String>> = match req.send().await {
+                        Ok(resp) => {
+                            let status = resp.status();
+                            let answer: serde_json::Value =
+                                resp.json().await.unwrap_or(serde_json::Value::Null);
+                            match answer["results"].as_array() {
+                                Some(results) => results
+                                    .iter()
+                                    .map(|r| {
+                                        if r["ok"] == true {
+                                            Ok(())
+                                        } else {
+                                            Err(format!("HTTP {status}: {}", r["error"]))
+                                        }
+                                    })
+                                    .collect(),
+                                None => vec![
+                                    Err(format!("HTTP {status}: {answer}"));
+                                    (end - first) as usize
+                                ],
+                            }
+                        }
+                        Err(e) => vec![Err(format!("{e}")); (end - first) as usize],
+                    };
+                    let took = begin.elapsed();
+                    stats
+                        .http
+                        .saturating_record((took.as_micros() as u64).max(1));
+                    for (seq, r) in (first..end).zip(outcome) {
+                        match r {
+                            Ok(()) => {
+                                stats.ok_per_topic[(seq % this.topics.len() as u64) as usize] += 1;
+                            }
+                            Err(e) => {
+                                stats.failed += 1;
+                                if stats.first_error.is_none() {
+                                    stats.first_error = Some(e);
+                                }
+                            }
+                        }
+                    }
+                    this.sent.fetch_add(end - first, Ordering::Relaxed);
                 }
                 stats
             }));
