@@ -568,6 +568,18 @@ impl PublishStats {
         }
     }
 
+    /// Waits for every publisher worker and adds up what they did.
+    async fn gather(handles: Vec<JoinHandle<PublishStats>>, topics: usize) -> Result<Self> {
+        let mut total = Self::new(topics);
+        for h in handles {
+            total.merge(
+                h.await
+                    .map_err(|e| anyhow!("publisher worker failed: {e}"))?,
+            );
+        }
+        Ok(total)
+    }
+
     fn merge(&mut self, other: PublishStats) {
         for (a, b) in self.ok_per_topic.iter_mut().zip(other.ok_per_topic) {
             *a += b;
@@ -680,14 +692,7 @@ impl Publisher {
                 stats
             }));
         }
-        let mut total = PublishStats::new(this.topics.len());
-        for h in handles {
-            total.merge(
-                h.await
-                    .map_err(|e| anyhow!("publisher worker failed: {e}"))?,
-            );
-        }
-        Ok(total)
+        PublishStats::gather(handles, this.topics.len()).await
     }
 }
 
@@ -785,14 +790,7 @@ impl Publisher {
                 stats
             }));
         }
-        let mut total = PublishStats::new(this.topics.len());
-        for h in handles {
-            total.merge(
-                h.await
-                    .map_err(|e| anyhow!("publisher worker failed: {e}"))?,
-            );
-        }
-        Ok(total)
+        PublishStats::gather(handles, this.topics.len()).await
     }
 }
 

@@ -264,6 +264,16 @@ impl Http {
         assert_eq!(status, 200, "{body}");
     }
 
+    /// Publishes a text message and returns the status (0 when the request failed).
+    pub async fn publish_status(&self, topic: &str, message: &str) -> u16 {
+        self.post("/api/publish")
+            .json(&serde_json::json!({"topic": topic, "message": message}))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
+
     pub async fn send(&self, socket: &str, message: &str) {
         let (status, body) = self
             .post_json(

@@ -8,19 +8,10 @@ use std::time::Duration;
 
 use serde_json::json;
 use wsgate_tests::{
-    Client, DEADLINE, Http, ProcessGateway, RedisServer, TcpProxy, fleet, metric, wait_ready,
+    Client, DEADLINE, ProcessGateway, RedisServer, TcpProxy, fleet, metric, wait_ready,
 };
 
 const HISTORY: [&str; 4] = ["--history-topics", "feed,hist:*", "--history-size", "1000"];
-
-async fn publish(http: &Http, topic: &str, message: &str) -> u16 {
-    http.post("/api/publish")
-        .json(&json!({"topic": topic, "message": message}))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-}
 
 /// Every text message `m<i>` a client receives until `marker`, with the positions of the
 /// positioned ones.
@@ -91,8 +82,8 @@ async fn a_replica_cut_off_alone_receives_everything_published_meanwhile() {
     let mut next = 1u64;
     let mut send = async |n: &mut u64| {
         tick.tick().await;
-        assert_eq!(publish(&http, "feed", &format!("m{n}")).await, 200);
-        assert_eq!(publish(&http, "other", &format!("m{n}")).await, 200);
+        assert_eq!(http.publish_status("feed", &format!("m{n}")).await, 200);
+        assert_eq!(http.publish_status("other", &format!("m{n}")).await, 200);
         *n += 1;
     };
     for _ in 0..20 {
@@ -191,7 +182,7 @@ async fn redis_restarting_empty_changes_the_epoch_and_recovery_says_so() {
     let mut c = gws[0].client().await;
     c.join_since("feed", json!({})).await;
     for i in 1..=3 {
-        assert_eq!(publish(&http, "feed", &format!("m{i}")).await, 200);
+        assert_eq!(http.publish_status("feed", &format!("m{i}")).await, 200);
     }
     let mut old = None;
     for i in 1..=3 {
@@ -207,7 +198,7 @@ async fn redis_restarting_empty_changes_the_epoch_and_recovery_says_so() {
     wait_ready(&http, 200).await;
     // Publishing may wait a moment for the replica barrier; retry until accepted.
     let deadline = std::time::Instant::now() + DEADLINE;
-    while publish(&http, "feed", "m4").await != 200 {
+    while http.publish_status("feed", "m4").await != 200 {
         assert!(
             std::time::Instant::now() < deadline,
             "publishing never resumed"
@@ -227,7 +218,7 @@ async fn redis_restarting_empty_changes_the_epoch_and_recovery_says_so() {
         (ack["offset"].as_u64(), ack["epoch"].as_str()),
         (Some(1), Some(p.epoch.as_str()))
     );
-    assert_eq!(publish(&http, "feed", "m5").await, 200);
+    assert_eq!(http.publish_status("feed", "m5").await, 200);
     let live = back.next_positioned().await;
     assert_eq!((live.offset, live.message.as_str()), (2, "m5"));
     assert_eq!(c.next_positioned().await.offset, 2);
@@ -241,12 +232,15 @@ async fn a_client_recovers_on_another_replica() {
     let gws = fleet(&redis, 2, "move", &HISTORY).await;
     let mut c = gws[0].client().await;
     c.join_since("hist:a", json!({})).await;
-    assert_eq!(publish(&gws[0].http(), "hist:a", "m1").await, 200);
+    assert_eq!(gws[0].http().publish_status("hist:a", "m1").await, 200);
     let seen = c.next_positioned().await;
     drop(c);
     for i in 2..=51 {
         assert_eq!(
-            publish(&gws[i % 2].http(), "hist:a", &format!("m{i}")).await,
+            gws[i % 2]
+                .http()
+                .publish_status("hist:a", &format!("m{i}"))
+                .await,
             200
         );
     }
@@ -258,7 +252,7 @@ async fn a_client_recovers_on_another_replica() {
         let p = back.next_positioned().await;
         assert_eq!((p.offset, p.message), (i, format!("m{i}")));
     }
-    assert_eq!(publish(&gws[0].http(), "hist:a", "m52").await, 200);
+    assert_eq!(gws[0].http().publish_status("hist:a", "m52").await, 200);
     assert_eq!(back.next_positioned().await.offset, 52);
     gws[1].http().send(&back.socket_id, "marker").await;
     assert_eq!(back.next_text().await, "marker");
@@ -290,7 +284,7 @@ async fn seed_instances_deliver_positioned_envelopes_and_theirs_reach_everyone()
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub.subscribe("seed:feed").await.unwrap();
     let http = gws[0].http();
-    assert_eq!(publish(&http, "feed", "from wsgate").await, 200);
+    assert_eq!(http.publish_status("feed", "from wsgate").await, 200);
     let r = http
         .post("/api/publish?topic=feed")
         .header("content-type", "application/octet-stream")
@@ -336,7 +330,7 @@ async fn seed_instances_deliver_positioned_envelopes_and_theirs_reach_everyone()
     assert_eq!(plain.next_text().await, "from seed");
     // Without a position it cannot be positioned: it arrives as the seed's plain frame.
     assert_eq!(positioned.next_text().await, "from seed");
-    assert_eq!(publish(&http, "feed", "m3").await, 200);
+    assert_eq!(http.publish_status("feed", "m3").await, 200);
     assert_eq!(positioned.next_positioned().await.offset, 3);
 }
 
@@ -350,7 +344,7 @@ async fn hostile_history_data_in_redis_is_refused() {
     let http = gws[0].http();
     let mut c = gws[0].client().await;
     c.join_since("feed", json!({})).await;
-    assert_eq!(publish(&http, "feed", "m1").await, 200);
+    assert_eq!(http.publish_status("feed", "m1").await, 200);
     let first = c.next_positioned().await;
     let mut conn = redis.connection();
     let mut epochs = vec![first.epoch.clone()];
@@ -365,7 +359,7 @@ async fn hostile_history_data_in_redis_is_refused() {
             .arg(value)
             .query(&mut conn)
             .unwrap();
-        assert_eq!(publish(&http, "feed", "next").await, 200);
+        assert_eq!(http.publish_status("feed", "next").await, 200);
         let p = c.next_positioned().await;
         assert_eq!((p.offset, p.message.as_str()), (1, "next"));
         assert!(!epochs.contains(&p.epoch), "{field}: epoch kept");
@@ -409,7 +403,7 @@ async fn hostile_history_data_in_redis_is_refused() {
             >= 3.0
     );
     c.assert_alive().await;
-    assert_eq!(publish(&http, "feed", "after").await, 200);
+    assert_eq!(http.publish_status("feed", "after").await, 200);
     let p = c.next_positioned().await;
     assert_eq!(p.message, "after");
 }
@@ -425,11 +419,14 @@ async fn recoveries_racing_publishes_on_another_replica_lose_and_double_nothing(
     let (joiner, publisher) = (&gws[0], gws[1].http());
     let mut first = joiner.client().await;
     first.join_since("feed", json!({})).await;
-    assert_eq!(publish(&publisher, "feed", "m1").await, 200);
+    assert_eq!(publisher.publish_status("feed", "m1").await, 200);
     let epoch = first.next_positioned().await.epoch;
     let task = tokio::spawn(async move {
         for i in 2..=TOTAL {
-            assert_eq!(publish(&publisher, "feed", &format!("m{i}")).await, 200);
+            assert_eq!(
+                publisher.publish_status("feed", &format!("m{i}")).await,
+                200
+            );
         }
     });
     let mut rng = rand::rng();

@@ -12,15 +12,6 @@ use wsgate_tests::{
     metric, wait_ready,
 };
 
-async fn publish_status(http: &Http, topic: &str, message: &str) -> u16 {
-    http.post("/api/publish")
-        .json(&json!({"topic": topic, "message": message}))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_gateways_deliver_every_publish_to_every_subscriber_exactly_once() {
     let redis = RedisServer::start();
@@ -307,7 +298,10 @@ async fn frozen_redis_during_churn_leaves_no_orphaned_or_missing_channels() {
         .await;
     redis.signal("-STOP");
     // ... so this one is sent, but never answered: the outcome is unknown, hence 504.
-    let status = publish_status(&gws[0].http(), "nobody-joined", "while frozen").await;
+    let status = gws[0]
+        .http()
+        .publish_status("nobody-joined", "while frozen")
+        .await;
     assert_eq!(status, 504, "a publish to a frozen Redis must answer 504");
     // Churn while Redis is frozen (no acks: they could not be confirmed). The gateways must
     // keep serving local operations.
@@ -361,7 +355,7 @@ async fn redis_restart_loses_no_acknowledged_message_and_resumes_without_rejoini
     }
     // Publishes during the outage are refused, never 2xx.
     for (n, t) in topics.iter().enumerate() {
-        let status = publish_status(&gws[n % 2].http(), t, "during outage").await;
+        let status = gws[n % 2].http().publish_status(t, "during outage").await;
         assert!(
             status == 503 || status == 504,
             "publish during outage answered {status}"
@@ -398,7 +392,7 @@ async fn redis_restart_loses_no_acknowledged_message_and_resumes_without_rejoini
                 }
                 let msg = format!("after-{n}");
                 n += 1;
-                if publish_status(&gw.http(), t, &msg).await == 200 {
+                if gw.http().publish_status(t, &msg).await == 200 {
                     accepted.push((g, t.clone(), msg));
                     resumed.insert((g, t.clone()), restarted.elapsed());
                 }
@@ -627,7 +621,7 @@ async fn stopping_unsubscribes_everything_and_closes_both_connections_idempotent
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!broker.is_up());
-    let status = publish_status(&gw.http(), "a", "after stop").await;
+    let status = gw.http().publish_status("a", "after stop").await;
     assert_eq!(status, 503);
 }
 
@@ -654,7 +648,10 @@ async fn tls_redis_carries_messages_between_replicas() {
         "300",
     ])
     .await;
-    let status = publish_status(&untrusting.http(), "secure", "must not arrive").await;
+    let status = untrusting
+        .http()
+        .publish_status("secure", "must not arrive")
+        .await;
     assert_eq!(status, 503);
     gws[0].http().send(&a.socket_id, "marker").await;
     assert_eq!(a.next_text().await, "marker");
@@ -701,7 +698,10 @@ async fn an_acl_user_from_the_url_authenticates_and_a_wrong_password_is_refused(
     ])
     .await;
     assert_eq!(
-        publish_status(&denied.http(), "private", "must not arrive").await,
+        denied
+            .http()
+            .publish_status("private", "must not arrive")
+            .await,
         503
     );
     let (status, _) = denied.http().get_json("/readyz").await;
@@ -823,7 +823,7 @@ async fn every_publish_during_a_frozen_redis_is_answered_within_its_timeout() {
         calls.push(tokio::spawn(async move {
             let http = Http::new(addr);
             let sent = frozen.elapsed();
-            let status = publish_status(&http, "t", &msg).await;
+            let status = http.publish_status("t", &msg).await;
             (msg, sent, frozen.elapsed() - sent, status)
         }));
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -876,7 +876,7 @@ async fn every_publish_during_a_frozen_redis_is_answered_within_its_timeout() {
     let mut after = 0;
     loop {
         let msg = format!("after-{after}");
-        if publish_status(&gws[0].http(), "t", &msg).await == 200 {
+        if gws[0].http().publish_status("t", &msg).await == 200 {
             break;
         }
         assert!(Instant::now() < deadline, "publishing never resumed");
@@ -1043,7 +1043,7 @@ async fn no_2xx_after_a_freeze_until_a_replica_that_lost_its_subscriber_has_resu
     cb.send_text(r#"{"type":"room.join","room":"other"}"#).await;
     wait_ready(&b.http(), 503).await;
     // ... while A only sees a PUBLISH go unanswered.
-    assert_eq!(publish_status(&a.http(), "t", "frozen").await, 504);
+    assert_eq!(a.http().publish_status("t", "frozen").await, 504);
     // B cannot resubscribe after the freeze until its replies are let through.
     proxy.hold();
     redis.signal("-CONT");
@@ -1054,7 +1054,7 @@ async fn no_2xx_after_a_freeze_until_a_replica_that_lost_its_subscriber_has_resu
     while resumed.elapsed() < Duration::from_millis(1500) {
         let msg = format!("held-{n}");
         n += 1;
-        let status = publish_status(&a.http(), "t", &msg).await;
+        let status = a.http().publish_status("t", &msg).await;
         answered.push((msg, status));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1064,7 +1064,7 @@ async fn no_2xx_after_a_freeze_until_a_replica_that_lost_its_subscriber_has_resu
     loop {
         let msg = format!("after-{n}");
         n += 1;
-        let status = publish_status(&a.http(), "t", &msg).await;
+        let status = a.http().publish_status("t", &msg).await;
         answered.push((msg.clone(), status));
         if status == 200 {
             break;
