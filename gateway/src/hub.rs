@@ -17,10 +17,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+use std::cell::OnceCell;
+
 use bytes::Bytes;
 use serde_json::json;
 
 use crate::broker::{Broker, BrokerError, Message, Sink};
+use crate::deflate;
 use crate::error::ClientError;
 use crate::frame;
 use crate::metrics::{CloseReason, Metrics};
@@ -45,6 +48,9 @@ pub struct HubLimits {
     pub max_topics_per_connection: usize,
     /// Most connections on this instance (0: unlimited).
     pub max_connections: usize,
+    /// Messages smaller than this go uncompressed, even to connections that negotiated
+    /// permessage-deflate.
+    pub compression_threshold: usize,
 }
 
 /// One WebSocket connection as the registry sees it.
@@ -55,6 +61,8 @@ pub struct Conn {
     topics: Mutex<ConnTopics>,
     /// Milliseconds since the hub started, at the last inbound frame.
     last_seen: AtomicU64,
+    /// Receives data messages compressed (it negotiated permessage-deflate).
+    compressed: bool,
 }
 
 #[derive(Default)]
@@ -197,12 +205,23 @@ impl Hub {
     /// `session` envelope. With `socket`, frames are written to it directly whenever nothing
     /// is queued.
     pub fn register(&self, socket: Option<Arc<tokio::net::TcpStream>>) -> Arc<Conn> {
+        self.register_compressed(socket, false)
+    }
+
+    /// [`Hub::register`] for a connection that may receive compressed data messages (it
+    /// negotiated permessage-deflate) when `compressed`.
+    pub fn register_compressed(
+        &self,
+        socket: Option<Arc<tokio::net::TcpStream>>,
+        compressed: bool,
+    ) -> Arc<Conn> {
         let id = SocketId::generate();
         let conn = Arc::new(Conn {
             id,
             outbox: Outbox::with_socket(socket),
             topics: Mutex::default(),
             last_seen: AtomicU64::new(self.now_ms()),
+            compressed,
         });
         let m = &self.shared.metrics;
         // Nothing reaches the client before its `session` envelope (see `Hub::open`).
@@ -423,12 +442,7 @@ impl Hub {
 
     /// Pushes `frame` to every connection of `conns`, touching each group of
     /// [`WARM_AHEAD`] recipients' memory before pushing to them (see [`Outbox::warm`]).
-    fn push_all<'a>(
-        &self,
-        conns: impl Iterator<Item = &'a Arc<Conn>>,
-        frame: &Bytes,
-        direct: bool,
-    ) {
+    fn push_all<'a>(&self, conns: impl Iterator<Item = &'a Arc<Conn>>, frame: &Lazy, direct: bool) {
         let mut conns = conns;
         let mut ahead: [Option<&Arc<Conn>>; WARM_AHEAD] = [None; WARM_AHEAD];
         loop {
@@ -447,9 +461,10 @@ impl Hub {
         }
     }
 
-    fn push(&self, conn: &Conn, frame: &Bytes, direct: bool) {
+    fn push(&self, conn: &Conn, frame: &Lazy, direct: bool) {
         let limits = &self.shared.limits.queue;
         let m = &self.shared.metrics;
+        let frame = frame.for_conn(conn);
         if direct {
             conn.outbox.push(frame.clone(), Kind::Data, limits, m);
         } else {
@@ -483,8 +498,8 @@ impl Hub {
     /// [`Message::Disconnect`] closes the connection normally.
     pub fn send_message(&self, conn: &Conn, message: Message) -> Push {
         let frame = match message {
-            Message::Text(b) => frame::text(&b),
-            Message::Binary(b) => frame::binary(&b),
+            Message::Text(b) => self.lazy(frame::OpCode::Text, b),
+            Message::Binary(b) => self.lazy(frame::OpCode::Binary, b),
             Message::Disconnect => {
                 return if conn.outbox.close(
                     frame::close_code::NORMAL,
@@ -499,8 +514,22 @@ impl Hub {
             }
         };
         let limits = &self.shared.limits.queue;
-        conn.outbox
-            .push(frame, Kind::Data, limits, &self.shared.metrics)
+        conn.outbox.push(
+            frame.for_conn(conn).clone(),
+            Kind::Data,
+            limits,
+            &self.shared.metrics,
+        )
+    }
+
+    fn lazy(&self, opcode: frame::OpCode, payload: Bytes) -> Lazy {
+        Lazy {
+            opcode,
+            payload,
+            threshold: self.shared.limits.compression_threshold,
+            plain: OnceCell::new(),
+            compressed: OnceCell::new(),
+        }
     }
 
     /// Sends a protocol frame (ack, error, pong) to one connection.
@@ -650,14 +679,13 @@ impl Sink for Hub {
                 }
                 return;
             }
-            Message::Text(b) => Lazy::Text(b),
-            Message::Binary(b) => Lazy::Binary(b),
+            Message::Text(b) => self.lazy(frame::OpCode::Text, b),
+            Message::Binary(b) => self.lazy(frame::OpCode::Binary, b),
         };
         match channel {
             Channel::Topic(topic) => {
                 let shard = read(self.topic_shard(topic));
                 if let Some(subs) = shard.get(topic) {
-                    let frame = frame.encode();
                     let direct = self.direct_fanout(subs.len());
                     self.push_all(subs.iter(), &frame, direct);
                 }
@@ -665,11 +693,10 @@ impl Sink for Hub {
             Channel::Socket(id) => {
                 if let Some(conn) = self.connection(*id) {
                     let direct = self.direct_fanout(1);
-                    self.push(&conn, &frame.encode(), direct);
+                    self.push(&conn, &frame, direct);
                 }
             }
             Channel::Broadcast => {
-                let frame = frame.encode();
                 let direct = self.direct_fanout(self.connection_count());
                 for shard in &self.shared.conns {
                     self.push_all(read(shard).values(), &frame, direct);
@@ -679,18 +706,38 @@ impl Sink for Hub {
     }
 }
 
-/// A payload encoded into a frame only once a recipient is known.
-enum Lazy {
-    Text(Bytes),
-    Binary(Bytes),
+/// A payload encoded into frames only once a recipient is known: at most one plain frame and
+/// one compressed frame per message, each made once and shared by every recipient of its kind.
+struct Lazy {
+    opcode: frame::OpCode,
+    payload: Bytes,
+    /// Smaller payloads are never compressed.
+    threshold: usize,
+    plain: OnceCell<Bytes>,
+    /// `None` inside: compressing would not make it smaller (or it is under the threshold).
+    compressed: OnceCell<Option<Bytes>>,
 }
 
 impl Lazy {
-    fn encode(&self) -> Bytes {
-        match self {
-            Lazy::Text(b) => frame::text(b),
-            Lazy::Binary(b) => frame::binary(b),
+    /// The frame for `conn`: the compressed one when it negotiated permessage-deflate and
+    /// compressing pays, the plain one otherwise.
+    fn for_conn(&self, conn: &Conn) -> &Bytes {
+        if conn.compressed
+            && let Some(frame) = self
+                .compressed
+                .get_or_init(|| {
+                    if self.payload.len() < self.threshold {
+                        return None;
+                    }
+                    let packed = deflate::compress(&self.payload)?;
+                    Some(frame::encode_compressed(self.opcode, &packed))
+                })
+                .as_ref()
+        {
+            return frame;
         }
+        self.plain
+            .get_or_init(|| frame::encode(self.opcode, &self.payload))
     }
 }
 
@@ -708,6 +755,7 @@ mod tests {
             },
             max_topics_per_connection: 2,
             max_connections: 1,
+            compression_threshold: 0,
         };
         Hub::new(limits, Arc::new(MemoryBroker::new(m.broker.clone())), m)
     }
