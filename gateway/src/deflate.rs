@@ -213,7 +213,6 @@ pub fn compress(payload: &[u8]) -> Option<Vec<u8>> {
             && c.total_in() == payload.len() as u64
             && out.len() < out.capacity()
             && out.ends_with(&TAIL);
-        c.reset();
         if !done {
             return None;
         }
@@ -240,12 +239,13 @@ pub enum InflateError {
 pub fn inflate_message(compressed: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
     DECOMPRESSOR.with(|d| {
         let mut d = d.borrow_mut();
+        // A full reset zeroes the window too: a message that refers back before its own start
+        // must find zeros there, never another client's last message.
         d.reset(false);
         let mut out = Vec::new();
-        let result = inflate_into(&mut d, compressed, &mut out, max)
-            .and_then(|ended| finish(&mut d, ended, &mut out, max));
-        d.reset(false);
-        result.map(|()| out)
+        inflate_into(&mut d, compressed, &mut out, max)
+            .and_then(|ended| finish(&mut d, ended, &mut out, max))
+            .map(|()| out)
     })
 }
 
@@ -557,5 +557,57 @@ mod tests {
         assert_eq!(inflate_message(&packed, 100).unwrap(), b"hello hello hello");
         packed.push(0);
         assert_eq!(inflate_message(&packed, 100), Err(InflateError::Corrupt));
+    }
+}
+
+#[cfg(test)]
+mod cost {
+    use super::*;
+
+    /// `cargo test --release -p wsgate --lib deflate::cost -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn compress_and_inflate_cost_per_message() {
+        let mut s = String::from("{\"name\":\"prices\",\"data\":[");
+        let mut x = 88172645463325252u64;
+        while s.len() < 1000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            s.push_str(&format!(
+                "{{\"id\":{},\"symbol\":\"S{}\",\"price\":{}.{},\"qty\":{}}},",
+                x % 1_000_000,
+                x % 9973,
+                (x >> 20) % 1000,
+                (x >> 30) % 100,
+                (x >> 40) % 500
+            ));
+        }
+        s.push_str("{}]}");
+        let msg = s.into_bytes();
+        for level in [1, 6] {
+            let mut c = Compress::new(Compression::new(level), false);
+            let n = 20_000;
+            let start = std::time::Instant::now();
+            let mut size = 0;
+            for _ in 0..n {
+                c.reset();
+                let mut out = Vec::with_capacity(msg.len() + 4);
+                let _ = c.compress_vec(&msg, &mut out, FlushCompress::Sync);
+                size = out.len() - 4;
+            }
+            let per = start.elapsed() / n;
+            println!(
+                "level {level}: {} -> {size} B, {per:?} per message",
+                msg.len()
+            );
+        }
+        let packed = compress(&msg).unwrap();
+        let n = 20_000;
+        let start = std::time::Instant::now();
+        for _ in 0..n {
+            let _ = inflate_message(&packed, 1 << 20).unwrap();
+        }
+        println!("inflate: {:?} per message", start.elapsed() / n);
     }
 }
