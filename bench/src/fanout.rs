@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::cli::Shape;
+use crate::cli::{Payload, Shape};
 use crate::client::{self, Ws, WsEndpoint};
 use crate::deployment::{Api, Deployment};
 use crate::procfs::{self, CpuSnapshot, CpuUse, Role};
@@ -253,11 +253,13 @@ impl Session {
             rate,
             messages,
             size: shape.size,
+            payload: shape.payload,
             sent: Arc::new(AtomicU64::new(0)),
         };
         let sent = publisher.sent.clone();
         let client = publisher.client(workers).await?;
         let cpu_before = CpuSnapshot::take(&dep.processes);
+        let wire_before = client::wire_bytes();
         let start = Instant::now() + Duration::from_millis(20);
         let mut pub_task = tokio::spawn(publisher.run(client, start, workers));
 
@@ -310,6 +312,7 @@ impl Session {
             }
         }
         let cpu_after = CpuSnapshot::take(&dep.processes);
+        let wire = client::wire_bytes() - wire_before;
         let Some((stats, _)) = pub_done else {
             bail!("publisher did not finish");
         };
@@ -327,6 +330,7 @@ impl Session {
                 stale: self.shared.stale.load(Ordering::Relaxed) - stale_before,
                 foreign: self.shared.foreign.load(Ordering::Relaxed) - foreign_before,
                 closed_before,
+                wire,
             },
         ))
     }
@@ -441,6 +445,9 @@ impl Session {
             latency: Latency::of(&all),
             per_replica,
             server_us_per_delivery: server_cpu,
+            deflate: client::deflate_offered(),
+            wire_bytes: counters.wire,
+            wire_bytes_per_delivery: (received > 0).then(|| counters.wire as f64 / received as f64),
             bench_cpu_seconds: bench_cpu,
             bench_cpu_pct_of_one_core: bench_cpu.map(|s| s * 100.0 / elapsed),
             cpu,
@@ -459,6 +466,8 @@ struct Counters {
     foreign: u64,
     /// Closed subscribers per replica when the run started.
     closed_before: Vec<u64>,
+    /// Bytes the subscribers read during the run.
+    wire: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -538,6 +547,7 @@ struct Publisher {
     rate: f64,
     messages: u64,
     size: usize,
+    payload: Payload,
     sent: Arc<AtomicU64>,
 }
 
@@ -629,12 +639,19 @@ impl Publisher {
                     stats.max_lag = stats.max_lag.max(begin - due);
                     stats.last_start = stats.last_start.max((begin - start).as_secs_f64());
                     let topic_idx = (seq % this.topics.len() as u64) as usize;
-                    let payload =
-                        client::encode_payload(this.run, seq, client::unix_nanos(), this.size);
-                    let body = format!(
-                        r#"{{"topic":"{}","message":"{payload}"}}"#,
-                        this.topics[topic_idx]
-                    );
+                    let nanos = client::unix_nanos();
+                    let body = match this.payload {
+                        Payload::Text => format!(
+                            r#"{{"topic":"{}","message":"{}"}}"#,
+                            this.topics[topic_idx],
+                            client::encode_payload(this.run, seq, nanos, this.size)
+                        ),
+                        Payload::Json => serde_json::json!({
+                            "topic": this.topics[topic_idx],
+                            "message": client::encode_json_payload(this.run, seq, nanos, this.size),
+                        })
+                        .to_string(),
+                    };
                     let mut req = client
                         .post(url.clone())
                         .header("content-type", "application/json")
@@ -714,6 +731,12 @@ pub struct FanoutReport {
     pub latency: Latency,
     pub per_replica: Vec<ReplicaReport>,
     pub server_us_per_delivery: Option<f64>,
+    /// The subscribers offered permessage-deflate.
+    pub deflate: bool,
+    /// What the subscribers read from their sockets during the run (frames, headers
+    /// included; TCP/IP not), in total and per delivery.
+    pub wire_bytes: u64,
+    pub wire_bytes_per_delivery: Option<f64>,
     pub bench_cpu_seconds: Option<f64>,
     pub bench_cpu_pct_of_one_core: Option<f64>,
     pub cpu: Vec<CpuUse>,
@@ -821,6 +844,18 @@ impl FanoutReport {
                     &r.latency,
                 );
             }
+        }
+        if let Some(per) = self.wire_bytes_per_delivery {
+            let _ = writeln!(
+                o,
+                "  wire      {} B read by the subscribers, {per:.1} B per delivery ({})",
+                report::count(self.wire_bytes),
+                if self.deflate {
+                    "permessage-deflate offered"
+                } else {
+                    "no compression offered"
+                }
+            );
         }
         report::cpu_table(&mut o, &self.cpu, "delivery");
         if let Some(pct) = self.bench_cpu_pct_of_one_core {
