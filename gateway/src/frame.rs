@@ -961,6 +961,49 @@ mod deflate_tests {
     }
 
     #[test]
+    fn a_message_too_big_and_corrupt_fails_whichever_the_inflater_meets_first() {
+        // Found by the inflater fuzz target (its input written out): 88 bytes that inflate past
+        // 1 KiB and are invalid further on. In one frame the decompressor, decoding ahead into
+        // its window, meets the bad data first (1007); in 41-byte fragments the output passes
+        // the limit first (1009). Either way the connection fails and nothing past the limit
+        // is held.
+        let payload: &[u8] = &[
+            0xec, 0xc1, 0x31, 0x01, 0x00, 0x00, 0x00, 0xc2, 0xa0, 0xf5, 0x4f, 0x6d, 0x06, 0x7f,
+            0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x2e,
+            0x2b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x80, 0xd7, 0x00,
+        ];
+        let failure = |bytes: &[u8]| {
+            let mut r = reader(1024);
+            let mut buf = BytesMut::from(bytes);
+            loop {
+                match r.next(&mut buf) {
+                    Ok(Some(item)) => panic!("unexpected {item:?}"),
+                    Ok(None) => panic!("no outcome"),
+                    Err(v) => {
+                        assert!(r.buffered() <= 1024);
+                        return v.code;
+                    }
+                }
+            }
+        };
+        let whole = failure(&masked_frame(true, COMPRESSED | 2, payload, MASK));
+        let mut fragmented = Vec::new();
+        let parts: Vec<&[u8]> = payload.chunks(41).collect();
+        for (i, part) in parts.iter().enumerate() {
+            let op = if i == 0 { COMPRESSED | 2 } else { 0 };
+            fragmented.extend(masked_frame(i + 1 == parts.len(), op, part, MASK));
+        }
+        let pieces = failure(&fragmented);
+        for code in [whole, pieces] {
+            assert!(
+                [close_code::INVALID_PAYLOAD, close_code::MESSAGE_TOO_BIG].contains(&code),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
     fn a_compressed_frame_over_the_limit_on_the_wire_is_skipped_unread() {
         let mut bytes = masked_frame(true, COMPRESSED | 2, &[0u8; 2000], MASK);
         bytes.extend(masked_frame(true, 1, b"next", MASK));
