@@ -61,8 +61,6 @@ pub struct Conn {
     topics: Mutex<ConnTopics>,
     /// Milliseconds since the hub started, at the last inbound frame.
     last_seen: AtomicU64,
-    /// Receives data messages compressed (it negotiated permessage-deflate).
-    compressed: bool,
 }
 
 #[derive(Default)]
@@ -218,10 +216,9 @@ impl Hub {
         let id = SocketId::generate();
         let conn = Arc::new(Conn {
             id,
-            outbox: Outbox::with_socket(socket),
+            outbox: Outbox::with_socket(socket).with_compression(compressed),
             topics: Mutex::default(),
             last_seen: AtomicU64::new(self.now_ms()),
-            compressed,
         });
         let m = &self.shared.metrics;
         // Nothing reaches the client before its `session` envelope (see `Hub::open`).
@@ -722,7 +719,7 @@ impl Lazy {
     /// The frame for `conn`: the compressed one when it negotiated permessage-deflate and
     /// compressing pays, the plain one otherwise.
     fn for_conn(&self, conn: &Conn) -> &Bytes {
-        if conn.compressed
+        if conn.outbox.compressed()
             && let Some(frame) = self
                 .compressed
                 .get_or_init(|| {
