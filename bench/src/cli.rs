@@ -133,6 +133,9 @@ pub struct Common {
     /// Print results as JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Clients offer permessage-deflate (as browsers do) and inflate what comes compressed.
+    #[arg(long)]
+    pub deflate: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -183,6 +186,11 @@ pub struct Shape {
     /// Message size in bytes (the "<run> <seq> <unix_nanos> " header, padded).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
+    /// What fills the message: `text` pads the header with `x` (compresses to almost
+    /// nothing); `json` is a JSON object of pseudo-random records, as an application would
+    /// publish, which compresses like one.
+    #[arg(long, value_enum, default_value_t = Payload::Text)]
+    pub payload: Payload,
     /// Topics: subscriber i joins topic (i / replicas) mod T, message n goes to topic n mod T.
     #[arg(long, default_value_t = 1)]
     pub topics: usize,
@@ -259,6 +267,14 @@ pub struct FloorArgs {
     pub json: bool,
 }
 
+/// What fills a published message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Payload {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct HoldArgs {
     /// WebSocket URL of each replica, in the parent's order.
@@ -279,4 +295,7 @@ pub struct HoldArgs {
     /// Connections being set up at once.
     #[arg(long, default_value_t = 100)]
     pub concurrency: usize,
+    /// Offer permessage-deflate, as the parent.
+    #[arg(long)]
+    pub deflate: bool,
 }

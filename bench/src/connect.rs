@@ -151,6 +151,9 @@ fn spawn_helper(
         ])
         .args(["--topic-base", topic_base, "--topics", &t.to_string()])
         .args(["--concurrency", &concurrency.to_string()]);
+    if client::deflate_offered() {
+        cmd.arg("--deflate");
+    }
     for r in &dep.replicas {
         cmd.args(["--target", &r.url]);
     }

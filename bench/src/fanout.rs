@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::cli::Shape;
+use crate::cli::{Payload, Shape};
 use crate::client::{self, Ws, WsEndpoint};
 use crate::deployment::{Api, Deployment};
 use crate::procfs::{self, CpuSnapshot, CpuUse, Role};
@@ -255,11 +255,13 @@ impl Session {
             messages,
             size: shape.size,
             batch: shape.batch,
+            payload: shape.payload,
             sent: Arc::new(AtomicU64::new(0)),
         };
         let sent = publisher.sent.clone();
         let client = publisher.client(workers).await?;
         let cpu_before = CpuSnapshot::take(&dep.processes);
+        let wire_before = client::wire_bytes();
         let start = Instant::now() + Duration::from_millis(20);
         let mut pub_task = tokio::spawn(publisher.run(client, start, workers));
 
@@ -312,6 +314,7 @@ impl Session {
             }
         }
         let cpu_after = CpuSnapshot::take(&dep.processes);
+        let wire = client::wire_bytes() - wire_before;
         let Some((stats, _)) = pub_done else {
             bail!("publisher did not finish");
         };
@@ -329,6 +332,7 @@ impl Session {
                 stale: self.shared.stale.load(Ordering::Relaxed) - stale_before,
                 foreign: self.shared.foreign.load(Ordering::Relaxed) - foreign_before,
                 closed_before,
+                wire,
             },
         ))
     }
@@ -443,6 +447,9 @@ impl Session {
             latency: Latency::of(&all),
             per_replica,
             server_us_per_delivery: server_cpu,
+            deflate: client::deflate_offered(),
+            wire_bytes: counters.wire,
+            wire_bytes_per_delivery: (received > 0).then(|| counters.wire as f64 / received as f64),
             bench_cpu_seconds: bench_cpu,
             bench_cpu_pct_of_one_core: bench_cpu.map(|s| s * 100.0 / elapsed),
             cpu,
@@ -462,6 +469,8 @@ struct Counters {
     foreign: u64,
     /// Closed subscribers per replica when the run started.
     closed_before: Vec<u64>,
+    /// Bytes the subscribers read during the run.
+    wire: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -543,6 +552,7 @@ struct Publisher {
     size: usize,
     /// Messages per request (`POST /api/batch` above 1).
     batch: u64,
+    payload: Payload,
     sent: Arc<AtomicU64>,
 }
 
@@ -649,12 +659,19 @@ impl Publisher {
                     stats.max_lag = stats.max_lag.max(begin - due);
                     stats.last_start = stats.last_start.max((begin - start).as_secs_f64());
                     let topic_idx = (seq % this.topics.len() as u64) as usize;
-                    let payload =
-                        client::encode_payload(this.run, seq, client::unix_nanos(), this.size);
-                    let body = format!(
-                        r#"{{"topic":"{}","message":"{payload}"}}"#,
-                        this.topics[topic_idx]
-                    );
+                    let nanos = client::unix_nanos();
+                    let body = match this.payload {
+                        Payload::Text => format!(
+                            r#"{{"topic":"{}","message":"{}"}}"#,
+                            this.topics[topic_idx],
+                            client::encode_payload(this.run, seq, nanos, this.size)
+                        ),
+                        Payload::Json => serde_json::json!({
+                            "topic": this.topics[topic_idx],
+                            "message": client::encode_json_payload(this.run, seq, nanos, this.size),
+                        })
+                        .to_string(),
+                    };
                     let mut req = client
                         .post(url.clone())
                         .header("content-type", "application/json")
@@ -732,8 +749,18 @@ impl Publisher {
                             body.push(',');
                         }
                         let topic = &this.topics[(seq % this.topics.len() as u64) as usize];
-                        let payload = client::encode_payload(this.run, seq, stamp, this.size);
-                        body.push_str(&format!(r#"{{"topic":"{topic}","message":"{payload}"}}"#));
+                        let item = match this.payload {
+                            Payload::Text => format!(
+                                r#"{{"topic":"{topic}","message":"{}"}}"#,
+                                client::encode_payload(this.run, seq, stamp, this.size)
+                            ),
+                            Payload::Json => serde_json::json!({
+                                "topic": topic,
+                                "message": client::encode_json_payload(this.run, seq, stamp, this.size),
+                            })
+                            .to_string(),
+                        };
+                        body.push_str(&item);
                     }
                     body.push_str("]}");
                     let mut req = client
@@ -825,6 +852,12 @@ pub struct FanoutReport {
     pub latency: Latency,
     pub per_replica: Vec<ReplicaReport>,
     pub server_us_per_delivery: Option<f64>,
+    /// The subscribers offered permessage-deflate.
+    pub deflate: bool,
+    /// What the subscribers read from their sockets during the run (frames, headers
+    /// included; TCP/IP not), in total and per delivery.
+    pub wire_bytes: u64,
+    pub wire_bytes_per_delivery: Option<f64>,
     pub bench_cpu_seconds: Option<f64>,
     pub bench_cpu_pct_of_one_core: Option<f64>,
     pub cpu: Vec<CpuUse>,
@@ -1002,6 +1035,18 @@ impl FanoutReport {
                     &r.latency,
                 );
             }
+        }
+        if let Some(per) = self.wire_bytes_per_delivery {
+            let _ = writeln!(
+                o,
+                "  wire      {} B read by the subscribers, {per:.1} B per delivery ({})",
+                report::count(self.wire_bytes),
+                if self.deflate {
+                    "permessage-deflate offered"
+                } else {
+                    "no compression offered"
+                }
+            );
         }
         report::cpu_table(&mut o, &self.cpu, "delivery");
         if let Some(h) = &self.history {

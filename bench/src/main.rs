@@ -136,6 +136,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<()> {
         ));
     }
     if let Scenario::Hold { load } = &cli.scenario {
+        client::offer_deflate(load.deflate);
         return connect::hold(load).await;
     }
     if let Scenario::Floor { load } = &cli.scenario {
@@ -151,6 +152,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<()> {
     let Some(common) = common(&cli.scenario).cloned() else {
         return Err(anyhow!("this scenario needs no deployment"));
     };
+    client::offer_deflate(common.deflate);
     let limit = Duration::from_secs(common.duration_limit);
     let dep = Deployment::open(&common).await?;
     let out = Output { json: common.json };

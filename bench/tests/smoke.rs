@@ -93,6 +93,40 @@ async fn fanout_reports_every_delivery_without_loss_or_duplicates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deflate_clients_read_compressed_json_and_count_fewer_bytes_on_the_wire() {
+    let gw = InProcess::start().await;
+    let target = format!("ws://{}", gw.addr);
+    let args = [
+        "fanout",
+        "--target",
+        &target,
+        "-c",
+        "10",
+        "-r",
+        "400",
+        "-m",
+        "50",
+        "--size",
+        "1024",
+        "--payload",
+        "json",
+    ];
+    let plain = result(&bench(&args).await);
+    let mut with_deflate = args.to_vec();
+    with_deflate.push("--deflate");
+    let deflated = result(&bench(&with_deflate).await);
+    for v in [&plain, &deflated] {
+        assert_eq!(v["received"], 500);
+        assert_eq!(v["lost"], 0);
+    }
+    let per = |v: &Value| v["wire_bytes_per_delivery"].as_f64().unwrap();
+    assert!(per(&plain) > 1000.0, "{}", per(&plain));
+    assert!(per(&deflated) < per(&plain) / 2.0, "{}", per(&deflated));
+    assert_eq!(deflated["deflate"], true);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floor_writes_every_frame_once_and_reports_its_cost() {
     let out = bench(&[
         "floor",

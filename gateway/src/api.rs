@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 
 use crate::broker::{BrokerError, Message};
 use crate::conn::{self, ConnSettings, MessageHandler};
+use crate::deflate;
 use crate::error::{ApiError, ErrorCode};
 use crate::hub::Hub;
 use crate::protocol;
@@ -142,14 +143,20 @@ async fn websocket(State(st): State<AppState>, mut req: Request) -> Response {
     let Some(on_upgrade) = req.extensions_mut().remove::<OnUpgrade>() else {
         return ApiError::BadRequest("this connection cannot be upgraded".into()).into_response();
     };
+    let (deflate, extensions) = if st.conn.compression {
+        deflate::negotiate(req.headers()).unzip()
+    } else {
+        (None, None)
+    };
     tokio::spawn(conn::serve_upgraded(
         st.hub.clone(),
         on_upgrade,
         slot,
         st.conn,
         st.handler.clone(),
+        deflate,
     ));
-    conn::switching_protocols(accept)
+    conn::switching_protocols(accept, extensions)
 }
 
 /// Bearer-key check (constant time), or loopback-only when no key is configured.

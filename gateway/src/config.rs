@@ -38,6 +38,10 @@ pub const DEFAULT_QUEUE_BYTES: usize = 8 * 1024 * 1024;
 pub const DEFAULT_MAX_BATCH_MESSAGES: usize = 1000;
 /// Default largest batch publish body.
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Default size below which messages go uncompressed to clients that negotiated
+/// permessage-deflate: under about this size, deflate saves a few dozen bytes at best — less
+/// than the TCP/IP headers of the packet carrying it — and still costs a compression.
+pub const DEFAULT_COMPRESSION_THRESHOLD_BYTES: usize = 128;
 
 /// Default time a closing connection gets to flush its close frame.
 pub const DEFAULT_CLOSE_TIMEOUT_MS: u64 = 5000;
@@ -205,6 +209,16 @@ pub struct Config {
     /// last message).
     #[arg(long, env = "WSGATE_HISTORY_TTL_SECS", default_value_t = crate::history::DEFAULT_TTL_SECS, value_name = "SECS")]
     pub history_ttl_secs: u64,
+
+    /// permessage-deflate (RFC 7692) for clients that offer it: each published message is
+    /// compressed once and the same compressed frame goes to every such recipient.
+    #[arg(long, env = "WSGATE_COMPRESSION", value_enum, default_value_t = Switch::On, value_name = "on|off")]
+    pub compression: Switch,
+
+    /// Messages smaller than this many bytes go uncompressed even to clients that negotiated
+    /// permessage-deflate.
+    #[arg(long, env = "WSGATE_COMPRESSION_THRESHOLD_BYTES", default_value_t = DEFAULT_COMPRESSION_THRESHOLD_BYTES, value_name = "BYTES")]
+    pub compression_threshold_bytes: usize,
 
     /// The built-in status page at `/` on --listen (live stats and a try-it panel).
     #[arg(long, env = "WSGATE_STATUS_PAGE", value_enum, default_value_t = Switch::On, value_name = "on|off")]
@@ -463,6 +477,20 @@ mod tests {
             .unwrap();
         assert_eq!((h.size, h.ttl.as_secs()), (100, 300));
         assert!(h.patterns.matches("orders:7") && !h.patterns.matches("other"));
+    }
+
+    #[test]
+    fn compression_is_on_by_default_and_can_be_turned_off() {
+        let cfg = parse(&[]).unwrap();
+        assert_eq!(cfg.compression, Switch::On);
+        assert_eq!(
+            cfg.compression_threshold_bytes,
+            DEFAULT_COMPRESSION_THRESHOLD_BYTES
+        );
+        let cfg = parse(&["--compression", "off", "--compression-threshold-bytes", "0"]).unwrap();
+        assert_eq!(cfg.compression, Switch::Off);
+        assert_eq!(cfg.compression_threshold_bytes, 0);
+        assert!(parse(&["--compression", "maybe"]).is_err());
     }
 
     #[test]

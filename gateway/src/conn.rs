@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::broker::{BrokerError, Message};
+use crate::deflate::Negotiated;
 use crate::error::{ApiError, ClientError};
 use crate::frame::{self, FrameReader, Inbound, close_code};
 use crate::history::{Recovery, RecoveryFailure};
@@ -44,6 +45,8 @@ pub struct ConnSettings {
     pub max_inbound_rate: u32,
     /// How long a closing connection may take to flush its close frame.
     pub close_timeout: Duration,
+    /// Negotiate permessage-deflate with clients that offer it.
+    pub compression: bool,
 }
 
 /// An embedder's own application protocol, spoken over the gateway's WebSocket layer in place
@@ -119,25 +122,30 @@ pub fn check_upgrade(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
     HeaderValue::from_str(&accept).map_err(|_| ApiError::BadRequest("bad key".into()))
 }
 
-/// The `101 Switching Protocols` response.
-pub fn switching_protocols(accept: HeaderValue) -> Response {
+/// The `101 Switching Protocols` response, with the extensions accepted (if any).
+pub fn switching_protocols(accept: HeaderValue, extensions: Option<HeaderValue>) -> Response {
     let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let h = resp.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if let Some(extensions) = extensions {
+        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, extensions);
+    }
     resp
 }
 
 /// Waits for the HTTP layer to hand over the socket, then runs the connection.
 ///
 /// With a `handler`, the connection speaks the embedder's protocol (see [`MessageHandler`]).
+/// `deflate` is what the handshake agreed for permessage-deflate, if anything.
 pub async fn serve_upgraded(
     hub: Hub,
     on_upgrade: OnUpgrade,
     slot: Slot,
     settings: ConnSettings,
     handler: Option<Arc<dyn MessageHandler>>,
+    deflate: Option<Negotiated>,
 ) {
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
@@ -153,13 +161,27 @@ pub async fn serve_upgraded(
             let socket = Arc::new(parts.io.into_inner());
             let writer = Writer::Tcp(socket.clone());
             let reader = TcpReader(socket);
-            run(hub, reader, writer, parts.read_buf, slot, settings, handler).await;
+            let start = Start {
+                leftover: parts.read_buf,
+                slot,
+                settings,
+                handler,
+                deflate,
+            };
+            run(hub, reader, writer, start).await;
         }
         Err(upgraded) => {
             let (r, w) = tokio::io::split(TokioIo::new(upgraded));
             let writer = Writer::Generic(Box::new(w));
             let reader = GenericReader(r);
-            run(hub, reader, writer, Bytes::new(), slot, settings, handler).await;
+            let start = Start {
+                leftover: Bytes::new(),
+                slot,
+                settings,
+                handler,
+                deflate,
+            };
+            run(hub, reader, writer, start).await;
         }
     }
 }
@@ -248,22 +270,34 @@ impl RateLimit {
     }
 }
 
-async fn run<R>(
-    hub: Hub,
-    mut reader: R,
-    writer: Writer,
+/// What a connection starts with besides its socket.
+struct Start {
+    /// Bytes the HTTP layer read past the upgrade request.
     leftover: Bytes,
     slot: Slot,
     settings: ConnSettings,
     handler: Option<Arc<dyn MessageHandler>>,
-) where
+    /// permessage-deflate, if the handshake agreed it.
+    deflate: Option<Negotiated>,
+}
+
+async fn run<R>(hub: Hub, mut reader: R, writer: Writer, start: Start)
+where
     R: ReadSource,
 {
+    let Start {
+        leftover,
+        slot,
+        settings,
+        handler,
+        deflate,
+    } = start;
     let socket = match &writer {
         Writer::Tcp(socket) => Some(socket.clone()),
         Writer::Generic(_) => None,
     };
-    let conn = hub.register(socket);
+    let compressed = deflate.is_some_and(|d| d.compress_outbound);
+    let conn = hub.register_compressed(socket, compressed);
     let writer_task = tokio::spawn({
         let conn = conn.clone();
         let metrics = hub.metrics().clone();
@@ -284,7 +318,7 @@ async fn run<R>(
     let mut session = Session {
         hub: &hub,
         conn: &conn,
-        frames: FrameReader::new(settings.max_frame_bytes),
+        frames: FrameReader::new(settings.max_frame_bytes).with_deflate(deflate.is_some()),
         rate: RateLimit::new(settings.max_inbound_rate),
         settings,
         peer_closed: false,

@@ -17,10 +17,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+use std::cell::OnceCell;
+
 use bytes::Bytes;
 use serde_json::json;
 
 use crate::broker::{Broker, BrokerError, Message, Sink};
+use crate::deflate;
 use crate::error::ClientError;
 use crate::frame;
 use crate::history::{Position, Recovery};
@@ -46,6 +49,9 @@ pub struct HubLimits {
     pub max_topics_per_connection: usize,
     /// Most connections on this instance (0: unlimited).
     pub max_connections: usize,
+    /// Messages smaller than this go uncompressed, even to connections that negotiated
+    /// permessage-deflate.
+    pub compression_threshold: usize,
 }
 
 /// One WebSocket connection as the registry sees it.
@@ -269,10 +275,20 @@ impl Hub {
     /// `session` envelope. With `socket`, frames are written to it directly whenever nothing
     /// is queued.
     pub fn register(&self, socket: Option<Arc<tokio::net::TcpStream>>) -> Arc<Conn> {
+        self.register_compressed(socket, false)
+    }
+
+    /// [`Hub::register`] for a connection that may receive compressed data messages (it
+    /// negotiated permessage-deflate) when `compressed`.
+    pub fn register_compressed(
+        &self,
+        socket: Option<Arc<tokio::net::TcpStream>>,
+        compressed: bool,
+    ) -> Arc<Conn> {
         let id = SocketId::generate();
         let conn = Arc::new(Conn {
             id,
-            outbox: Outbox::with_socket(socket),
+            outbox: Outbox::with_socket(socket).with_compression(compressed),
             topics: Mutex::default(),
             last_seen: AtomicU64::new(self.now_ms()),
         });
@@ -469,20 +485,20 @@ impl Hub {
         let sent = recovery.entries.iter().map(|(p, msg)| (Some(p), msg));
         let waited = waiting.iter().map(|(p, msg)| (p.as_ref(), msg));
         for (p, msg) in sent.chain(waited) {
-            let frame = match p {
-                Some(p) => {
+            let frame = match (p, msg) {
+                (_, Message::Disconnect) => continue,
+                (Some(p), _) => {
                     if st.last.as_ref().is_some_and(|last| !p.is_after(last)) {
                         continue;
                     }
                     st.last = Some(p.clone());
-                    crate::protocol::positioned_frame(&positioned.topic, p, msg)
+                    self.positioned(&positioned.topic, p, msg)
                 }
-                None => Lazy::of(msg).map_or_else(Bytes::new, |l| l.encode()),
+                (None, Message::Text(b)) => self.lazy(frame::OpCode::Text, b.clone()),
+                (None, Message::Binary(b)) => self.lazy(frame::OpCode::Binary, b.clone()),
             };
-            if frame.is_empty() {
-                continue;
-            }
-            conn.outbox.push(frame, Kind::Data, limits, m);
+            conn.outbox
+                .push(frame.for_conn(conn).clone(), Kind::Data, limits, m);
         }
     }
 
@@ -602,12 +618,7 @@ impl Hub {
 
     /// Pushes `frame` to every connection of `conns`, touching each group of
     /// [`WARM_AHEAD`] recipients' memory before pushing to them (see [`Outbox::warm`]).
-    fn push_all<'a>(
-        &self,
-        conns: impl Iterator<Item = &'a Arc<Conn>>,
-        frame: &Bytes,
-        direct: bool,
-    ) {
+    fn push_all<'a>(&self, conns: impl Iterator<Item = &'a Arc<Conn>>, frame: &Lazy, direct: bool) {
         let mut conns = conns;
         let mut ahead: [Option<&Arc<Conn>>; WARM_AHEAD] = [None; WARM_AHEAD];
         loop {
@@ -626,9 +637,10 @@ impl Hub {
         }
     }
 
-    fn push(&self, conn: &Conn, frame: &Bytes, direct: bool) {
+    fn push(&self, conn: &Conn, frame: &Lazy, direct: bool) {
         let limits = &self.shared.limits.queue;
         let m = &self.shared.metrics;
+        let frame = frame.for_conn(conn);
         if direct {
             conn.outbox.push(frame.clone(), Kind::Data, limits, m);
         } else {
@@ -662,8 +674,8 @@ impl Hub {
     /// [`Message::Disconnect`] closes the connection normally.
     pub fn send_message(&self, conn: &Conn, message: Message) -> Push {
         let frame = match message {
-            Message::Text(b) => frame::text(&b),
-            Message::Binary(b) => frame::binary(&b),
+            Message::Text(b) => self.lazy(frame::OpCode::Text, b),
+            Message::Binary(b) => self.lazy(frame::OpCode::Binary, b),
             Message::Disconnect => {
                 return if conn.outbox.close(
                     frame::close_code::NORMAL,
@@ -678,8 +690,28 @@ impl Hub {
             }
         };
         let limits = &self.shared.limits.queue;
-        conn.outbox
-            .push(frame, Kind::Data, limits, &self.shared.metrics)
+        conn.outbox.push(
+            frame.for_conn(conn).clone(),
+            Kind::Data,
+            limits,
+            &self.shared.metrics,
+        )
+    }
+
+    /// The positioned envelope of `message`, as a text message to encode per recipient.
+    fn positioned(&self, topic: &Topic, position: &Position, message: &Message) -> Lazy {
+        let text = crate::protocol::positioned_envelope(topic, position, message);
+        self.lazy(frame::OpCode::Text, Bytes::from(text))
+    }
+
+    fn lazy(&self, opcode: frame::OpCode, payload: Bytes) -> Lazy {
+        Lazy {
+            opcode,
+            payload,
+            threshold: self.shared.limits.compression_threshold,
+            plain: OnceCell::new(),
+            compressed: OnceCell::new(),
+        }
     }
 
     /// Sends a protocol frame (ack, error, pong) to one connection.
@@ -828,7 +860,7 @@ impl Hub {
         sub: &Positioned,
         position: Option<&Position>,
         message: &Message,
-        frame: &mut impl FnMut() -> Bytes,
+        frame: &mut impl FnMut(&Conn) -> Bytes,
     ) {
         let mut guard = sub.state();
         let st = &mut *guard;
@@ -856,38 +888,38 @@ impl Hub {
         let limits = &self.shared.limits.queue;
         sub.conn
             .outbox
-            .push(frame(), Kind::Data, limits, &self.shared.metrics);
+            .push(frame(&sub.conn), Kind::Data, limits, &self.shared.metrics);
     }
 }
 
 impl Sink for Hub {
     fn deliver(&self, channel: &Channel, message: Message, position: Option<&Position>) {
-        let Some(frame) = Lazy::of(&message) else {
-            if let Channel::Socket(id) = channel {
-                self.disconnect(*id);
+        let frame = match &message {
+            Message::Disconnect => {
+                if let Channel::Socket(id) = channel {
+                    self.disconnect(*id);
+                }
+                return;
             }
-            return;
+            Message::Text(b) => self.lazy(frame::OpCode::Text, b.clone()),
+            Message::Binary(b) => self.lazy(frame::OpCode::Binary, b.clone()),
         };
         match channel {
             Channel::Topic(topic) => {
                 let shard = read(self.topic_shard(topic));
                 if let Some(subs) = shard.get(topic) {
                     let direct = self.direct_fanout(subs.len());
-                    let mut plain = None;
-                    let mut plain_frame = || plain.get_or_insert_with(|| frame.encode()).clone();
                     if !subs.plain.is_empty() {
-                        let f = plain_frame();
-                        self.push_all(subs.plain.iter(), &f, direct);
+                        self.push_all(subs.plain.iter(), &frame, direct);
                     }
                     if !subs.positioned.is_empty() {
                         match position {
                             Some(p) => {
-                                let mut enveloped = None;
-                                let mut positioned_frame = || {
+                                let enveloped = OnceCell::new();
+                                let mut positioned_frame = |conn: &Conn| {
                                     enveloped
-                                        .get_or_insert_with(|| {
-                                            crate::protocol::positioned_frame(topic, p, &message)
-                                        })
+                                        .get_or_init(|| self.positioned(topic, p, &message))
+                                        .for_conn(conn)
                                         .clone()
                                 };
                                 for sub in &subs.positioned {
@@ -897,6 +929,7 @@ impl Sink for Hub {
                             // Without a position (a topic with no history, or a message from
                             // a seed instance), positioned subscribers get the plain frame.
                             None => {
+                                let mut plain_frame = |conn: &Conn| frame.for_conn(conn).clone();
                                 for sub in &subs.positioned {
                                     self.offer(sub, None, &message, &mut plain_frame);
                                 }
@@ -908,11 +941,10 @@ impl Sink for Hub {
             Channel::Socket(id) => {
                 if let Some(conn) = self.connection(*id) {
                     let direct = self.direct_fanout(1);
-                    self.push(&conn, &frame.encode(), direct);
+                    self.push(&conn, &frame, direct);
                 }
             }
             Channel::Broadcast => {
-                let frame = frame.encode();
                 let direct = self.direct_fanout(self.connection_count());
                 for shard in &self.shared.conns {
                     self.push_all(read(shard).values(), &frame, direct);
@@ -922,27 +954,38 @@ impl Sink for Hub {
     }
 }
 
-/// A payload encoded into a frame only once a recipient is known.
-enum Lazy {
-    Text(Bytes),
-    Binary(Bytes),
+/// A payload encoded into frames only once a recipient is known: at most one plain frame and
+/// one compressed frame per message, each made once and shared by every recipient of its kind.
+struct Lazy {
+    opcode: frame::OpCode,
+    payload: Bytes,
+    /// Smaller payloads are never compressed.
+    threshold: usize,
+    plain: OnceCell<Bytes>,
+    /// `None` inside: compressing would not make it smaller (or it is under the threshold).
+    compressed: OnceCell<Option<Bytes>>,
 }
 
 impl Lazy {
-    /// The payload of a data message (`None` for a control message).
-    fn of(message: &Message) -> Option<Self> {
-        match message {
-            Message::Text(b) => Some(Lazy::Text(b.clone())),
-            Message::Binary(b) => Some(Lazy::Binary(b.clone())),
-            Message::Disconnect => None,
+    /// The frame for `conn`: the compressed one when it negotiated permessage-deflate and
+    /// compressing pays, the plain one otherwise.
+    fn for_conn(&self, conn: &Conn) -> &Bytes {
+        if conn.outbox.compressed()
+            && let Some(frame) = self
+                .compressed
+                .get_or_init(|| {
+                    if self.payload.len() < self.threshold {
+                        return None;
+                    }
+                    let packed = deflate::compress(&self.payload)?;
+                    Some(frame::encode_compressed(self.opcode, &packed))
+                })
+                .as_ref()
+        {
+            return frame;
         }
-    }
-
-    fn encode(&self) -> Bytes {
-        match self {
-            Lazy::Text(b) => frame::text(b),
-            Lazy::Binary(b) => frame::binary(b),
-        }
+        self.plain
+            .get_or_init(|| frame::encode(self.opcode, &self.payload))
     }
 }
 
@@ -960,6 +1003,7 @@ mod tests {
             },
             max_topics_per_connection: 2,
             max_connections: 1,
+            compression_threshold: 0,
         };
         Hub::new(limits, Arc::new(MemoryBroker::new(m.broker.clone())), m)
     }

@@ -8,6 +8,7 @@
 //! - [`config`]: flags and environment twins, validated before anything binds.
 //! - [`types`]: validated newtypes (`Topic`, `SocketId`, `KeyPrefix`, `Channel`).
 //! - [`frame`]: the WebSocket wire format; frames are encoded once and shared.
+//! - [`deflate`]: permessage-deflate: negotiation, compress once per message, bounded inflate.
 //! - [`protocol`]: client commands and the envelopes sent to clients.
 //! - [`hub`]: the local registry of connections and topic subscriptions, and the fan-out.
 //! - [`outbox`]: each connection's bounded queue and single writer.
@@ -52,6 +53,7 @@ pub mod api;
 pub mod broker;
 pub mod config;
 pub mod conn;
+pub mod deflate;
 pub mod error;
 pub mod frame;
 pub mod history;
@@ -157,6 +159,7 @@ impl Gateway {
             },
             max_topics_per_connection: config.max_topics_per_connection,
             max_connections: config.max_connections,
+            compression_threshold: config.compression_threshold_bytes,
         };
         let hub = Hub::new(limits, broker.clone(), metrics);
         broker.start(Arc::new(hub.clone())).await?;
@@ -184,6 +187,7 @@ impl Gateway {
             max_frame_bytes: self.config.max_frame_bytes,
             max_inbound_rate: self.config.max_inbound_rate,
             close_timeout: Duration::from_millis(self.config.close_timeout_ms),
+            compression: self.config.compression.is_on(),
         }
     }
 

@@ -88,6 +88,10 @@ pub enum Push {
 #[repr(C)]
 pub struct Outbox {
     closing_flag: AtomicBool,
+    /// The client negotiated permessage-deflate: data messages go to it compressed when that
+    /// pays (here rather than beside the outbox: it fits this struct's padding, so a
+    /// connection costs no more memory than without compression).
+    compressed: bool,
     state: Mutex<State>,
     /// The socket of the direct writes, for [`Outbox::warm`] only: it does not keep the
     /// socket open.
@@ -108,10 +112,23 @@ impl Outbox {
         Self::with_socket(None)
     }
 
+    /// The same outbox, for a client that negotiated permessage-deflate when `compressed`.
+    #[must_use]
+    pub fn with_compression(mut self, compressed: bool) -> Self {
+        self.compressed = compressed;
+        self
+    }
+
+    /// Whether the client takes compressed data messages (it negotiated permessage-deflate).
+    pub fn compressed(&self) -> bool {
+        self.compressed
+    }
+
     /// An outbox that may write to `socket` directly when its queue is empty.
     pub fn with_socket(socket: Option<Arc<TcpStream>>) -> Self {
         Self {
             closing_flag: AtomicBool::new(false),
+            compressed: false,
             warm_socket: socket.as_ref().map_or_else(Weak::new, Arc::downgrade),
             state: Mutex::new(State {
                 direct: socket,

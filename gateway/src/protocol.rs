@@ -236,6 +236,11 @@ pub fn recovery_ack_frame(
 /// of that topic: `{"name":"room.message","data":{"room":..,"offset":..,"epoch":..,
 /// "message":<text, or base64 for binary>,"isBinary":bool},"timestamp":<ms>}`.
 pub fn positioned_frame(topic: &Topic, position: &Position, message: &Message) -> Bytes {
+    frame::text(positioned_envelope(topic, position, message).as_bytes())
+}
+
+/// The text of [`positioned_frame`].
+pub fn positioned_envelope(topic: &Topic, position: &Position, message: &Message) -> String {
     use base64::Engine;
     let (text, is_binary) = match message {
         Message::Text(b) => (json_string(&String::from_utf8_lossy(b)), false),
@@ -248,7 +253,7 @@ pub fn positioned_frame(topic: &Topic, position: &Position, message: &Message) -
         ),
         Message::Disconnect => (json_string(""), false),
     };
-    envelope_frame(
+    envelope(
         "room.message",
         &format!(
             "{{\"room\":\"{topic}\",\"offset\":{},\"epoch\":\"{}\",\"message\":{text},\"isBinary\":{is_binary}}}",

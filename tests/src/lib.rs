@@ -490,6 +490,8 @@ pub struct RawClient {
     /// Bytes read past the last parsed frame.
     buf: Vec<u8>,
     pub socket_id: String,
+    /// The server's handshake response: status line and headers.
+    pub response: String,
 }
 
 /// A frame the server sent: (opcode, payload).
@@ -509,11 +511,39 @@ impl RawClient {
     /// Opens `path` and returns once the server switched protocols, without waiting for any
     /// frame (for gateways speaking an embedder's protocol, which send no `session`).
     pub async fn handshake(addr: SocketAddr, path: &str) -> Self {
+        Self::handshake_with(addr, path, None).await
+    }
+
+    /// Opens `/ws` offering `extensions` (a `Sec-WebSocket-Extensions` value) and waits for
+    /// the `session` envelope.
+    pub async fn connect_offering(addr: SocketAddr, extensions: &str) -> Self {
+        let mut c = Self::handshake_with(addr, "/ws", Some(extensions)).await;
+        let (op, payload) = c.next_frame().await.expect("no session envelope");
+        assert_eq!(op, 1);
+        let session: Value = serde_json::from_slice(&payload).unwrap();
+        c.socket_id = session["data"]["socketId"].as_str().unwrap().to_owned();
+        c
+    }
+
+    /// The server's `Sec-WebSocket-Extensions` answer, if any.
+    pub fn extensions(&self) -> Option<String> {
+        self.response.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("sec-websocket-extensions")
+                .then(|| value.trim().to_owned())
+        })
+    }
+
+    /// [`RawClient::handshake`], offering `extensions` when given.
+    pub async fn handshake_with(addr: SocketAddr, path: &str, extensions: Option<&str>) -> Self {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = TcpStream::connect(addr).await.unwrap();
+        let offer = extensions
+            .map(|e| format!("Sec-WebSocket-Extensions: {e}\r\n"))
+            .unwrap_or_default();
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{offer}\r\n"
         );
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut buf = Vec::new();
@@ -537,12 +567,18 @@ impl RawClient {
             stream,
             buf,
             socket_id: String::new(),
+            response: head,
         }
     }
 
     /// A final, masked client frame.
     pub fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
         Self::fragment(true, opcode, payload)
+    }
+
+    /// A final, masked frame carrying `message` compressed with permessage-deflate (RSV1 set).
+    pub fn compressed_frame(opcode: u8, message: &[u8]) -> Vec<u8> {
+        Self::fragment(true, 0x40 | opcode, &deflate(message))
     }
 
     /// A masked client frame, final or not (opcode 0 continues a fragmented message).
@@ -595,9 +631,31 @@ impl RawClient {
 
     /// The next frame, or `None` at end of stream or on a reset.
     pub async fn next_frame(&mut self) -> Option<RawFrame> {
+        self.next_frame_bits()
+            .await
+            .map(|(b0, payload)| (b0 & 0x0F, payload))
+    }
+
+    /// The next frame with its whole first byte (FIN, RSV1-3, opcode), or `None` at end of
+    /// stream or on a reset.
+    pub async fn next_frame_bits(&mut self) -> Option<RawFrame> {
         tokio::time::timeout(DEADLINE, self.read_frame())
             .await
             .expect("no frame and no end of stream within the deadline")
+    }
+
+    /// The next data message of a connection that negotiated permessage-deflate: (opcode,
+    /// whether it came compressed, the message inflated).
+    pub async fn next_message(&mut self) -> Option<(u8, bool, Vec<u8>)> {
+        let (b0, payload) = self.next_frame_bits().await?;
+        assert_eq!(b0 & 0xB0, 0x80, "unexpected FIN/RSV bits {b0:#x}");
+        let compressed = b0 & 0x40 != 0;
+        let message = if compressed {
+            inflate(&payload)
+        } else {
+            payload
+        };
+        Some((b0 & 0x0F, compressed, message))
     }
 
     async fn read_frame(&mut self) -> Option<RawFrame> {
@@ -652,12 +710,43 @@ impl RawClient {
     }
 }
 
-/// Parses one unmasked server frame from the front of `buf`: (frame, bytes used).
+/// Compresses `message` as a permessage-deflate sender does (RFC 7692 §7.2.1: a raw deflate
+/// stream, flushed, without the final `00 00 ff ff`), with flate2 rather than the gateway's
+/// own code.
+pub fn deflate(message: &[u8]) -> Vec<u8> {
+    let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+    let mut out = Vec::with_capacity(message.len() + 64);
+    c.compress_vec(message, &mut out, flate2::FlushCompress::Sync)
+        .unwrap();
+    assert_eq!(
+        c.total_in(),
+        message.len() as u64,
+        "output buffer too small"
+    );
+    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    out
+}
+
+/// Inflates a permessage-deflate message (RFC 7692 §7.2.2) as a client does.
+pub fn inflate(payload: &[u8]) -> Vec<u8> {
+    let mut input = payload.to_vec();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut d = flate2::Decompress::new(false);
+    let mut out = Vec::with_capacity(16 << 20);
+    d.decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+        .unwrap();
+    assert_eq!(d.total_in(), input.len() as u64, "not all input inflated");
+    out
+}
+
+/// Parses one unmasked server frame from the front of `buf`: (frame with its whole first
+/// byte, bytes used).
 fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
     if buf.len() < 2 {
         return None;
     }
-    let opcode = buf[0] & 0x0F;
+    let opcode = buf[0];
     assert_eq!(buf[1] & 0x80, 0, "server frames must not be masked");
     let (len, at) = match buf[1] & 0x7F {
         126 => (u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]) as usize, 4),

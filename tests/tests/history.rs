@@ -475,6 +475,15 @@ async fn a_batch_to_a_frozen_redis_answers_504_for_every_unanswered_item() {
             }
         })
         .collect();
+    // A first batch, so that the publisher connection is up: frozen mid-connect, Redis would
+    // make it a 503 (nothing sent), not the case under test.
+    let (status, _) = http
+        .post_json(
+            "/api/batch",
+            json!({"messages": [{"topic": "plain", "message": "warm"}]}),
+        )
+        .await;
+    assert_eq!(status, 200);
     redis.signal("-STOP");
     let (status, body) = http
         .post_json("/api/batch", json!({ "messages": items }))
