@@ -630,99 +630,18 @@ impl Publisher {
         Ok(client)
     }
 
+    /// Publishes the schedule with `workers` tasks: one message per `POST /api/publish`, or
+    /// `batch` consecutive ones per `POST /api/batch`, each item counted by its own answer.
     async fn run(
         self,
         client: reqwest::Client,
         start: Instant,
         workers: usize,
     ) -> Result<PublishStats> {
-        if self.batch > 1 {
-            return self.run_batched(client, start, workers).await;
-        }
-        let url = self.api.url("api/publish")?;
-        let next = Arc::new(AtomicU64::new(0));
-        let this = Arc::new(self);
-        let mut handles = Vec::with_capacity(workers);
-        for _ in 0..workers {
-            let (client, url, next, this) =
-                (client.clone(), url.clone(), next.clone(), this.clone());
-            handles.push(tokio::spawn(async move {
-                let mut stats = PublishStats::new(this.topics.len());
-                loop {
-                    let seq = next.fetch_add(1, Ordering::Relaxed);
-                    if seq >= this.messages {
-                        break;
-                    }
-                    let due = start + Duration::from_secs_f64(seq as f64 / this.rate);
-                    tokio::time::sleep_until(due).await;
-                    let begin = Instant::now();
-                    stats.max_lag = stats.max_lag.max(begin - due);
-                    stats.last_start = stats.last_start.max((begin - start).as_secs_f64());
-                    let topic_idx = (seq % this.topics.len() as u64) as usize;
-                    let nanos = client::unix_nanos();
-                    let body = match this.payload {
-                        Payload::Text => format!(
-                            r#"{{"topic":"{}","message":"{}"}}"#,
-                            this.topics[topic_idx],
-                            client::encode_payload(this.run, seq, nanos, this.size)
-                        ),
-                        Payload::Json => serde_json::json!({
-                            "topic": this.topics[topic_idx],
-                            "message": client::encode_json_payload(this.run, seq, nanos, this.size),
-                        })
-                        .to_string(),
-                    };
-                    let mut req = client
-                        .post(url.clone())
-                        .header("content-type", "application/json")
-                        .body(body);
-                    if let Some(key) = &this.api.key {
-                        req = req.bearer_auth(key);
-                    }
-                    let outcome = match req.send().await {
-                        Ok(resp) if resp.status().is_success() => {
-                            let _ = resp.bytes().await;
-                            Ok(())
-                        }
-                        Ok(resp) => {
-                            let status = resp.status();
-                            let text = resp.text().await.unwrap_or_default();
-                            Err(format!("HTTP {status}: {}", text.trim()))
-                        }
-                        Err(e) => Err(format!("{e}")),
-                    };
-                    let took = begin.elapsed();
-                    stats
-                        .http
-                        .saturating_record((took.as_micros() as u64).max(1));
-                    match outcome {
-                        Ok(()) => stats.ok_per_topic[topic_idx] += 1,
-                        Err(e) => {
-                            stats.failed += 1;
-                            if stats.first_error.is_none() {
-                                stats.first_error = Some(e);
-                            }
-                        }
-                    }
-                    this.sent.fetch_add(1, Ordering::Relaxed);
-                }
-                stats
-            }));
-        }
-        PublishStats::gather(handles, this.topics.len()).await
-    }
-}
-
-impl Publisher {
-    /// Like [`Publisher::run`], with `batch` consecutive messages per `POST /api/batch`; each
-    /// item counts as accepted or failed by its own answer.
-    async fn run_batched(
-        self,
-        client: reqwest::Client,
-        start: Instant,
-        workers: usize,
-    ) -> Result<PublishStats> {
-        let url = self.api.url("api/batch")?;
+        let batched = self.batch > 1;
+        let url = self
+            .api
+            .url(if batched { "api/batch" } else { "api/publish" })?;
         let next = Arc::new(AtomicU64::new(0));
         let this = Arc::new(self);
         let mut handles = Vec::with_capacity(workers);
@@ -743,26 +662,13 @@ impl Publisher {
                     stats.max_lag = stats.max_lag.max(begin - due);
                     stats.last_start = stats.last_start.max((begin - start).as_secs_f64());
                     let stamp = client::unix_nanos();
-                    let mut body = String::from(r#"{"messages":["#);
-                    for seq in first..end {
-                        if seq > first {
-                            body.push(',');
-                        }
-                        let topic = &this.topics[(seq % this.topics.len() as u64) as usize];
-                        let item = match this.payload {
-                            Payload::Text => format!(
-                                r#"{{"topic":"{topic}","message":"{}"}}"#,
-                                client::encode_payload(this.run, seq, stamp, this.size)
-                            ),
-                            Payload::Json => serde_json::json!({
-                                "topic": topic,
-                                "message": client::encode_json_payload(this.run, seq, stamp, this.size),
-                            })
-                            .to_string(),
-                        };
-                        body.push_str(&item);
-                    }
-                    body.push_str("]}");
+                    let items: Vec<String> =
+                        (first..end).map(|seq| this.item(seq, stamp)).collect();
+                    let body = if batched {
+                        format!(r#"{{"messages":[{}]}}"#, items.join(","))
+                    } else {
+                        items.concat()
+                    };
                     let mut req = client
                         .post(url.clone())
                         .header("content-type", "application/json")
@@ -770,30 +676,10 @@ impl Publisher {
                     if let Some(key) = &this.api.key {
                         req = req.bearer_auth(key);
                     }
-                    // Per item: accepted, or why not.
-                    let outcome: Vec<Result<(), String>> = match req.send().await {
-                        Ok(resp) => {
-                            let status = resp.status();
-                            let answer: serde_json::Value =
-                                resp.json().await.unwrap_or(serde_json::Value::Null);
-                            match answer["results"].as_array() {
-                                Some(results) => results
-                                    .iter()
-                                    .map(|r| {
-                                        if r["ok"] == true {
-                                            Ok(())
-                                        } else {
-                                            Err(format!("HTTP {status}: {}", r["error"]))
-                                        }
-                                    })
-                                    .collect(),
-                                None => vec![
-                                    Err(format!("HTTP {status}: {answer}"));
-                                    (end - first) as usize
-                                ],
-                            }
-                        }
-                        Err(e) => vec![Err(format!("{e}")); (end - first) as usize],
+                    let count = (end - first) as usize;
+                    let outcome = match req.send().await {
+                        Ok(resp) => answers(resp, batched, count).await,
+                        Err(e) => vec![Err(format!("{e}")); count],
                     };
                     let took = begin.elapsed();
                     stats
@@ -818,6 +704,50 @@ impl Publisher {
             }));
         }
         PublishStats::gather(handles, this.topics.len()).await
+    }
+
+    /// Message `seq`'s publish body (or batch item), sent at `stamp`.
+    fn item(&self, seq: u64, stamp: u64) -> String {
+        let topic = &self.topics[(seq % self.topics.len() as u64) as usize];
+        match self.payload {
+            Payload::Text => format!(
+                r#"{{"topic":"{topic}","message":"{}"}}"#,
+                client::encode_payload(self.run, seq, stamp, self.size)
+            ),
+            Payload::Json => serde_json::json!({
+                "topic": topic,
+                "message": client::encode_json_payload(self.run, seq, stamp, self.size),
+            })
+            .to_string(),
+        }
+    }
+}
+
+/// Each message's answer: the response's status for a single publish; for a batch, each
+/// item's own result.
+async fn answers(resp: reqwest::Response, batched: bool, count: usize) -> Vec<Result<(), String>> {
+    let status = resp.status();
+    if !batched {
+        if status.is_success() {
+            let _ = resp.bytes().await;
+            return vec![Ok(())];
+        }
+        let text = resp.text().await.unwrap_or_default();
+        return vec![Err(format!("HTTP {status}: {}", text.trim()))];
+    }
+    let answer: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+    match answer["results"].as_array() {
+        Some(results) => results
+            .iter()
+            .map(|r| {
+                if r["ok"] == true {
+                    Ok(())
+                } else {
+                    Err(format!("HTTP {status}: {}", r["error"]))
+                }
+            })
+            .collect(),
+        None => vec![Err(format!("HTTP {status}: {answer}")); count],
     }
 }
 
