@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     match protocol::parse_command(data) {
         Ok(Command::Ping) => assert_eq!(data, protocol::PING),
         Ok(Command::Heartbeat) => {}
-        Ok(Command::Join { topic, id } | Command::Leave { topic, id }) => {
+        Ok(Command::Join { topic, id, .. } | Command::Leave { topic, id }) => {
             assert!(Topic::new(topic.as_str()).is_ok(), "accepted {topic:?}");
             if let Some(id) = id {
                 let frame = protocol::ack_frame(true, &topic, &id);
