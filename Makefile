@@ -19,7 +19,8 @@ e2e:
 conformance:
 	scripts/autobahn
 
-## Fuzz the parsers of untrusted input, 60 s per target (docs/fuzzing.md; not part of CI).
+## Fuzz the parsers of untrusted input with libFuzzer, 60 s per target (docs/fuzzing.md; CI runs
+## the same checks only on a bounded number of mutations, in `cargo test`).
 fuzz:
 	scripts/fuzz
 

@@ -1,11 +1,35 @@
-//! What the fuzz targets share: cutting one input into the pieces a socket would deliver, and
-//! reading the payload of a frame the gateway built.
+//! The checks behind the fuzz targets: one module per parser of untrusted input, each with a
+//! `run(data)` that feeds one input to the gateway's own code and panics when an invariant
+//! breaks (docs/fuzzing.md).
 //!
-//! Every target is one file in `fuzz_targets/` with a `[[bin]]` entry in `Cargo.toml` and a
-//! folder of seeds in `seeds/`; `scripts/fuzz` runs whatever `cargo fuzz list` names. A target
-//! for a streaming decoder (such as a permessage-deflate inflater) feeds its input through
-//! [`pieces`] exactly as `frame_reader` does, and checks that the output does not depend on
-//! where the input was cut.
+//! Two drivers run them. `fuzz/` wraps each in a cargo-fuzz target (libFuzzer, coverage
+//! guided, for minutes or hours: `make fuzz`). This crate's own test (`tests/bounded.rs`) runs
+//! every check on its committed seeds (`fuzz/seeds/TARGET/`) and on a bounded number of
+//! mutations of them, within `cargo test` — so CI exercises every check on each commit, and a
+//! check that no longer compiles fails CI rather than the next fuzzing session.
+//!
+//! A new target is a module here, an entry in [`TARGETS`], a file in `fuzz/fuzz_targets/`, a
+//! `[[bin]]` entry in `fuzz/Cargo.toml` and a folder of seeds. A target for a streaming decoder
+//! (such as a permessage-deflate inflater) feeds its input through [`pieces`] exactly as
+//! `frame_reader` does, and checks that the output does not depend on where the input was cut.
+
+pub mod client_command;
+pub mod frame_reader;
+pub mod inflater;
+pub mod publish_body;
+pub mod redis_envelope;
+
+/// A check: runs one input, panics when an invariant breaks.
+pub type Check = fn(&[u8]);
+
+/// Every check by its target's name (the name of its cargo-fuzz binary and seed folder).
+pub const TARGETS: &[(&str, Check)] = &[
+    ("frame_reader", frame_reader::run),
+    ("client_command", client_command::run),
+    ("redis_envelope", redis_envelope::run),
+    ("publish_body", publish_body::run),
+    ("inflater", inflater::run),
+];
 
 /// Cuts `data` into consecutive pieces whose lengths come from `sizes` (each entry is a piece
 /// of `1 + entry` bytes, cycling through the entries; one piece when `sizes` is empty). Every
