@@ -55,6 +55,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// How direct messages (`/api/send`, `/api/disconnect`) find their connection's replica
+/// through Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketChannels {
+    /// One channel per replica (`{prefix}:__direct__:<tag>`, the tag being the first 32 bits
+    /// of its socket ids): connecting costs Redis nothing.
+    PerReplica,
+    /// Also one channel per connection (`{prefix}:__socket__:<id>`), as the seed does: for
+    /// fleets where seed instances send to this replica's connections.
+    PerSocket,
+}
+
 /// A feature switch (`on` / `off`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Switch {
@@ -110,6 +122,12 @@ pub struct Config {
     /// Namespace of the broker channels ({prefix}:{topic}); 1-64 of a-z A-Z 0-9 _ : . -
     #[arg(long, env = "WSGATE_KEY_PREFIX", default_value = DEFAULT_KEY_PREFIX, value_name = "PREFIX")]
     pub key_prefix: String,
+
+    /// How direct messages reach a connection's replica through Redis: per-replica (one
+    /// channel per replica, nothing subscribed per connection) or per-socket (also the seed's
+    /// channel per connection, for fleets where seed instances send to wsgate connections).
+    #[arg(long, env = "WSGATE_SOCKET_CHANNELS", value_enum, default_value_t = SocketChannels::PerReplica, value_name = "per-replica|per-socket")]
+    pub socket_channels: SocketChannels,
 
     /// Broker connect (and confirmation) timeout in milliseconds.
     #[arg(long, env = "WSGATE_CONNECT_TIMEOUT_MS", default_value_t = DEFAULT_CONNECT_TIMEOUT_MS, value_name = "MS")]

@@ -285,7 +285,7 @@ impl Hub {
         socket: Option<Arc<tokio::net::TcpStream>>,
         compressed: bool,
     ) -> Arc<Conn> {
-        let id = SocketId::generate();
+        let id = SocketId::generate_tagged(self.shared.broker.socket_tag());
         let conn = Arc::new(Conn {
             id,
             outbox: Outbox::with_socket(socket).with_compression(compressed),

@@ -133,6 +133,7 @@ impl Gateway {
                     history,
                     url: url.clone(),
                     key_prefix: key_prefix.clone(),
+                    socket_channels: config.socket_channels,
                     timeout: config.connect_timeout(),
                     // Base64 and JSON escaping can double a message; allow for it.
                     max_payload: config

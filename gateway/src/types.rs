@@ -15,6 +15,9 @@ pub const BROADCAST_TOPIC: &str = "__broadcast__";
 pub const REPLICAS_TOPIC: &str = "__replicas__";
 /// Prefix of the reserved per-connection topics (`__socket__:<socketId>`).
 pub const SOCKET_TOPIC_PREFIX: &str = "__socket__:";
+/// Prefix of the reserved per-replica topics (`__direct__:<tag>`): the Redis channel on which
+/// a replica receives the direct messages of all its connections (see [`SocketId::tag`]).
+pub const DIRECT_TOPIC_PREFIX: &str = "__direct__:";
 
 /// Why a topic, socket id or key prefix was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -51,7 +54,8 @@ fn check_chars(s: &str, max: usize) -> Result<(), InvalidName> {
 /// A topic a client may join and a backend may publish to.
 ///
 /// Non-empty, at most 256 characters of `a-z A-Z 0-9 _ : . -`, and not one of the reserved
-/// topics (`__broadcast__`, `__socket__:<id>`). Cheap to clone.
+/// topics (`__broadcast__`, `__replicas__`, `__socket__:<id>`, `__direct__:<tag>`). Cheap to
+/// clone.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Topic(Arc<str>);
 
@@ -76,7 +80,10 @@ impl Topic {
 
 /// Whether a syntactically valid topic name is one clients may not join.
 pub fn is_reserved(name: &str) -> bool {
-    name == BROADCAST_TOPIC || name == REPLICAS_TOPIC || name.starts_with(SOCKET_TOPIC_PREFIX)
+    name == BROADCAST_TOPIC
+        || name == REPLICAS_TOPIC
+        || name.starts_with(SOCKET_TOPIC_PREFIX)
+        || name.starts_with(DIRECT_TOPIC_PREFIX)
 }
 
 impl fmt::Display for Topic {
@@ -100,7 +107,25 @@ impl SocketId {
     /// periodically reseeded from the operating system), which saves the `getrandom` system
     /// call per connection that `Uuid::new_v4` makes.
     pub fn generate() -> Self {
-        Self(uuid::Builder::from_random_bytes(rand::random()).into_uuid())
+        Self::generate_tagged(None)
+    }
+
+    /// A fresh random id whose first 32 bits are `tag`, when given: the replica that holds
+    /// the connection, so that a direct message can be routed to that replica's channel
+    /// instead of a channel per connection. The id stays a UUID v4 with 90 random bits
+    /// (version and variant bits are set after the tag).
+    pub fn generate_tagged(tag: Option<u32>) -> Self {
+        let mut bytes: [u8; 16] = rand::random();
+        if let Some(tag) = tag {
+            bytes[..4].copy_from_slice(&tag.to_be_bytes());
+        }
+        Self(uuid::Builder::from_random_bytes(bytes).into_uuid())
+    }
+
+    /// The id's first 32 bits: the tag of the replica that made it (see
+    /// [`SocketId::generate_tagged`]); random for ids made without one.
+    pub fn tag(&self) -> u32 {
+        (self.0.as_u128() >> 96) as u32
     }
 
     /// Parses a socket id, accepting only the hyphenated UUID v4 form (any letter case).
@@ -227,6 +252,25 @@ mod tests {
             Topic::new("__socket__:3f2b6f8e-2a53-4a7c-9a8e-1b2c3d4e5f60"),
             Err(InvalidName::Reserved)
         );
+        assert_eq!(
+            Topic::new("__direct__:3f2b6f8e"),
+            Err(InvalidName::Reserved)
+        );
+        assert!(Topic::new("__direct__").is_ok());
+    }
+
+    #[test]
+    fn a_tagged_socket_id_is_a_v4_uuid_starting_with_its_tag() {
+        for tag in [0, 1, 0x3f2b_6f8e, u32::MAX] {
+            let id = SocketId::generate_tagged(Some(tag));
+            assert_eq!(id.tag(), tag);
+            let text = id.to_string();
+            assert!(text.starts_with(&format!("{tag:08x}-")), "{text}");
+            assert_eq!(SocketId::parse(&text), Ok(id));
+            assert_ne!(SocketId::generate_tagged(Some(tag)), id);
+        }
+        let id = SocketId::parse("3F2B6F8E-2a53-4a7c-9a8e-1b2c3d4e5f60").unwrap();
+        assert_eq!(id.tag(), 0x3f2b_6f8e);
     }
 
     #[test]

@@ -274,6 +274,21 @@ impl RedisServer {
         subs
     }
 
+    /// How many times Redis ran `command` (lowercase, e.g. `subscribe`) since it started, from
+    /// `INFO commandstats` (0 when never).
+    pub fn command_calls(&self, command: &str) -> u64 {
+        let mut c = self.connection();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut c)
+            .unwrap();
+        let key = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|line| line.strip_prefix(&key))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    }
+
     /// `PUBLISH channel payload`, returning the receiver count.
     pub fn publish(&self, channel: &str, payload: &[u8]) -> i64 {
         let mut c = self.connection();

@@ -128,21 +128,45 @@ async fn fleets_with_different_prefixes_never_see_each_others_messages() {
     assert_eq!(redis.numsub("beta:shared"), 1);
 }
 
-/// The channels each gateway should hold: its topics, its sockets and the broadcast channel.
+/// The socket tag of each gateway: the first 32 bits of its socket ids, naming its direct
+/// channel.
+async fn socket_tags(gws: &[ProcessGateway]) -> Vec<String> {
+    let mut tags = Vec::new();
+    for gw in gws {
+        let stats = gw.http().stats().await;
+        tags.push(stats["broker"]["socketTag"].as_str().unwrap().to_owned());
+    }
+    tags
+}
+
+/// The channels each gateway should hold: its topics, its direct channel, the broadcast
+/// channel, and with `per_socket` one channel per connection.
 fn expected_numsub(
     prefix: &str,
     per_gateway: &[(BTreeSet<String>, BTreeSet<String>)],
+    tags: &[String],
+    per_socket: bool,
 ) -> HashMap<String, i64> {
     let mut want: HashMap<String, i64> = HashMap::new();
-    for (topics, sockets) in per_gateway {
+    for ((topics, sockets), tag) in per_gateway.iter().zip(tags) {
         for t in topics {
             *want.entry(format!("{prefix}:{t}")).or_default() += 1;
         }
         for s in sockets {
-            *want.entry(format!("{prefix}:__socket__:{s}")).or_default() += 1;
+            assert!(
+                s.starts_with(tag.as_str()),
+                "socket {s} of the replica tagged {tag}"
+            );
+            if per_socket {
+                *want.entry(format!("{prefix}:__socket__:{s}")).or_default() += 1;
+            }
         }
-        // Every replica listens on the replicas channel, whatever its clients do.
+        // Every replica listens on the replicas channel and its direct channel, whatever its
+        // clients do.
         *want.entry(format!("{prefix}:__replicas__")).or_default() += 1;
+        *want
+            .entry(format!("{prefix}:__direct__:{tag}"))
+            .or_default() += 1;
         if !sockets.is_empty() {
             *want.entry(format!("{prefix}:__broadcast__")).or_default() += 1;
         }
@@ -266,13 +290,19 @@ async fn wait_local_counts(gws: &[ProcessGateway], per: &[(BTreeSet<String>, BTr
 async fn channel_bookkeeping_matches_local_subscribers_after_thousands_of_random_operations() {
     let redis = RedisServer::start();
     let gws = fleet(&redis, 2, "churn", &[]).await;
+    let tags = socket_tags(&gws).await;
     let (mut sims, mut churn) = simulation(24, 2, 12, 7);
     for _ in 0..2500 {
         churn.step(&mut sims, &gws, true).await;
     }
     let per = expected_state(&sims, gws.len());
     wait_local_counts(&gws, &per).await;
-    wait_bookkeeping(&redis, "churn", &expected_numsub("churn", &per)).await;
+    wait_bookkeeping(
+        &redis,
+        "churn",
+        &expected_numsub("churn", &per, &tags, false),
+    )
+    .await;
     // Everyone leaves: nothing may be left behind.
     for s in &mut sims {
         s.client = None;
@@ -280,13 +310,31 @@ async fn channel_bookkeeping_matches_local_subscribers_after_thousands_of_random
     }
     let per = expected_state(&sims, gws.len());
     wait_local_counts(&gws, &per).await;
-    wait_bookkeeping(&redis, "churn", &expected_numsub("churn", &per)).await;
+    wait_bookkeeping(
+        &redis,
+        "churn",
+        &expected_numsub("churn", &per, &tags, false),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_redis_during_churn_leaves_no_orphaned_or_missing_channels() {
     let redis = RedisServer::start();
-    let gws = fleet(&redis, 2, "frozen", &["--connect-timeout-ms", "300"]).await;
+    // With a channel per connection, as the seed keeps: the most channels to get right.
+    let gws = fleet(
+        &redis,
+        2,
+        "frozen",
+        &[
+            "--connect-timeout-ms",
+            "300",
+            "--socket-channels",
+            "per-socket",
+        ],
+    )
+    .await;
+    let tags = socket_tags(&gws).await;
     let (mut sims, mut churn) = simulation(16, 2, 10, 11);
     for _ in 0..300 {
         churn.step(&mut sims, &gws, true).await;
@@ -324,7 +372,12 @@ async fn frozen_redis_during_churn_leaves_no_orphaned_or_missing_channels() {
     for gw in &gws {
         wait_ready(&gw.http(), 200).await;
     }
-    wait_bookkeeping(&redis, "frozen", &expected_numsub("frozen", &per)).await;
+    wait_bookkeeping(
+        &redis,
+        "frozen",
+        &expected_numsub("frozen", &per, &tags, true),
+    )
+    .await;
     // And delivery works on every joined topic.
     for s in &mut sims {
         let Some(c) = s.client.as_mut() else { continue };
@@ -454,7 +507,8 @@ async fn redis_restart_loses_no_acknowledged_message_and_resumes_without_rejoini
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_envelopes_interoperate_in_both_directions() {
     let redis = RedisServer::start();
-    let gws = fleet(&redis, 1, "seed", &[]).await;
+    // A mixed fleet with seed instances keeps the seed's channel per connection.
+    let gws = fleet(&redis, 1, "seed", &["--socket-channels", "per-socket"]).await;
     let mut c = gws[0].client().await;
     c.join("news").await;
     // A seed instance publishes text and binary.
@@ -753,7 +807,18 @@ async fn wait_unsubscribed(redis: &RedisServer, channels: &[&str]) {
 async fn a_client_that_vanishes_with_a_fin_or_a_reset_is_cleaned_up_at_once() {
     let redis = RedisServer::start();
     // A close timeout far past every deadline below: cleanup must not wait for it.
-    let gws = fleet(&redis, 1, "abrupt", &["--close-timeout-ms", "600000"]).await;
+    let gws = fleet(
+        &redis,
+        1,
+        "abrupt",
+        &[
+            "--close-timeout-ms",
+            "600000",
+            "--socket-channels",
+            "per-socket",
+        ],
+    )
+    .await;
     let http = gws[0].http();
     for reset in [false, true] {
         let how = if reset { "reset" } else { "fin" };
@@ -964,7 +1029,7 @@ async fn a_subscribe_that_redis_confirms_after_its_topic_was_left_is_undone() {
     // Redis confirms a SUBSCRIBE nobody wants any more: the gateway must record it, and undo it.
     let mut want = HashMap::new();
     want.insert("late:warm".to_owned(), 1);
-    want.insert(format!("late:__socket__:{}", c.socket_id), 1);
+    want.insert(format!("late:__direct__:{}", &c.socket_id[..8]), 1);
     want.insert("late:__broadcast__".to_owned(), 1);
     want.insert("late:__replicas__".to_owned(), 1);
     wait_records_match_redis(&redis, "late", &want, &[&gw.http()]).await;
@@ -980,7 +1045,19 @@ async fn random_churn_across_random_freezes_leaves_the_records_equal_to_redis() 
     println!("seed {seed} (replay with WSGATE_TEST_SEED)");
     let redis = RedisServer::start();
     let timeout = TIMEOUT_MS.to_string();
-    let gws = fleet(&redis, 2, "storm", &["--connect-timeout-ms", &timeout]).await;
+    let gws = fleet(
+        &redis,
+        2,
+        "storm",
+        &[
+            "--connect-timeout-ms",
+            &timeout,
+            "--socket-channels",
+            "per-socket",
+        ],
+    )
+    .await;
+    let tags = socket_tags(&gws).await;
     let (mut sims, mut churn) = simulation(12, 2, 20, seed);
     let mut freezes = StdRng::seed_from_u64(seed ^ 0x5eed);
     for _ in 0..60 {
@@ -1005,7 +1082,13 @@ async fn random_churn_across_random_freezes_leaves_the_records_equal_to_redis() 
     wait_local_counts(&gws, &per).await;
     let https: Vec<Http> = gws.iter().map(ProcessGateway::http).collect();
     let refs: Vec<&Http> = https.iter().collect();
-    wait_records_match_redis(&redis, "storm", &expected_numsub("storm", &per), &refs).await;
+    wait_records_match_redis(
+        &redis,
+        "storm",
+        &expected_numsub("storm", &per, &tags, true),
+        &refs,
+    )
+    .await;
     // Everyone leaves: nothing may be left behind, in Redis or in the records.
     for s in &mut sims {
         s.client = None;
@@ -1013,7 +1096,13 @@ async fn random_churn_across_random_freezes_leaves_the_records_equal_to_redis() 
     }
     let per = expected_state(&sims, gws.len());
     wait_local_counts(&gws, &per).await;
-    wait_records_match_redis(&redis, "storm", &expected_numsub("storm", &per), &refs).await;
+    wait_records_match_redis(
+        &redis,
+        "storm",
+        &expected_numsub("storm", &per, &tags, true),
+        &refs,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1098,6 +1187,165 @@ async fn no_2xx_after_a_freeze_until_a_replica_that_lost_its_subscriber_has_resu
             assert!(
                 got.contains(m),
                 "{m} was answered 200 but never reached the subscriber on {name}: {got:?}"
+            );
+        }
+    }
+}
+
+/// A connection of a seed instance, as Redis sees it: a subscriber on the seed's channel for
+/// one socket id (whose first 32 bits name no wsgate replica).
+struct SeedSocket {
+    id: &'static str,
+    messages: std::pin::Pin<Box<dyn futures_util::Stream<Item = redis::Msg> + Send>>,
+}
+
+impl SeedSocket {
+    const ID: &'static str = "0badf00d-2a53-4a7c-9a8e-1b2c3d4e5f60";
+
+    async fn subscribe(redis: &RedisServer, prefix: &str) -> Self {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut pubsub = client.get_async_pubsub().await.unwrap();
+        pubsub
+            .subscribe(format!("{prefix}:__socket__:{}", Self::ID))
+            .await
+            .unwrap();
+        Self {
+            id: Self::ID,
+            messages: Box::pin(pubsub.into_on_message()),
+        }
+    }
+
+    /// The next envelope it receives.
+    async fn next(&mut self) -> serde_json::Value {
+        use futures_util::StreamExt;
+        let m = tokio::time::timeout(DEADLINE, self.messages.next())
+            .await
+            .expect("a message for the seed socket")
+            .unwrap();
+        serde_json::from_slice(m.get_payload_bytes()).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_sends_reach_every_replica_in_either_channel_mode_and_in_a_mixed_fleet() {
+    let redis = RedisServer::start();
+    for modes in [
+        ["per-replica", "per-replica"],
+        ["per-socket", "per-socket"],
+        ["per-replica", "per-socket"],
+    ] {
+        let prefix = format!("direct-{}-{}", modes[0], modes[1]);
+        let mut gws = Vec::new();
+        for mode in modes {
+            gws.extend(fleet(&redis, 1, &prefix, &["--socket-channels", mode]).await);
+        }
+        let tags = socket_tags(&gws).await;
+        assert_ne!(tags[0], tags[1]);
+        let mut clients = Vec::new();
+        for (gw, tag) in gws.iter().zip(&tags) {
+            for _ in 0..3 {
+                let c = gw.client().await;
+                assert!(c.socket_id.starts_with(tag.as_str()), "{}", c.socket_id);
+                clients.push(c);
+            }
+        }
+        // Only per-socket replicas keep a Redis channel per connection.
+        for (i, c) in clients.iter().enumerate() {
+            let per_socket = modes[i / 3] == "per-socket";
+            let channel = format!("{prefix}:__socket__:{}", c.socket_id);
+            assert_eq!(redis.numsub(&channel), i64::from(per_socket), "{channel}");
+        }
+        let mut seed = SeedSocket::subscribe(&redis, &prefix).await;
+
+        // Every replica sends to every connection, one at a time, and to the seed's.
+        for (i, gw) in gws.iter().enumerate() {
+            for c in &clients {
+                gw.http().send(&c.socket_id, &format!("from {i}")).await;
+            }
+            gw.http().send(seed.id, &format!("from {i}")).await;
+        }
+        for c in &mut clients {
+            for i in 0..gws.len() {
+                assert_eq!(c.next_text().await, format!("from {i}"), "{modes:?}");
+            }
+        }
+        for i in 0..gws.len() {
+            assert_eq!(seed.next().await["message"], format!("from {i}"));
+        }
+
+        // A batch of direct sends, in order per connection, each item answered.
+        let mut items = Vec::new();
+        for n in 0..2 {
+            for c in &clients {
+                items.push(json!({"socketId": c.socket_id, "message": format!("batch {n}")}));
+            }
+        }
+        items.push(json!({"socketId": seed.id, "message": "batch to the seed"}));
+        let (status, body) = gws[0]
+            .http()
+            .post_json("/api/batch", json!({"messages": items}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["results"].as_array().unwrap().len(), items.len());
+        for c in &mut clients {
+            assert_eq!(c.next_text().await, "batch 0");
+            assert_eq!(c.next_text().await, "batch 1");
+        }
+        assert_eq!(seed.next().await["message"], "batch to the seed");
+
+        // Disconnects cross replicas the same way.
+        for (i, c) in clients.iter_mut().enumerate() {
+            let from = &gws[(i + 1) % gws.len()];
+            let (status, _) = from
+                .http()
+                .post_json("/api/disconnect", json!({"socketId": c.socket_id}))
+                .await;
+            assert_eq!(status, 200);
+            assert!(matches!(c.next().await, Received::Close(Some(1000), _)));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_topics_that_already_have_subscribers_costs_redis_nothing_per_replica() {
+    let redis = RedisServer::start();
+    for (mode, free) in [("per-replica", true), ("per-socket", false)] {
+        let prefix = format!("connect-{mode}");
+        let gws = fleet(&redis, 1, &prefix, &["--socket-channels", mode]).await;
+        // The topic, the broadcast channel: subscribed by the first connection.
+        let mut first = gws[0].client().await;
+        first.join("busy").await;
+        let before = ["subscribe", "unsubscribe"].map(|c| redis.command_calls(c));
+        let mut clients = Vec::new();
+        for _ in 0..50 {
+            let mut c = gws[0].client().await;
+            c.join("busy").await;
+            clients.push(c);
+        }
+        gws[0].http().publish("busy", "to all").await;
+        for c in clients.iter_mut().chain([&mut first]) {
+            assert_eq!(c.next_text().await, "to all");
+        }
+        drop(clients);
+        gws[0]
+            .http()
+            .wait_stats("the 50 to be gone", |s| s["connections"] == 1)
+            .await;
+        // A new topic's acknowledged join: its SUBSCRIBE comes after every (UN)SUBSCRIBE the
+        // connections above caused, if any.
+        first.join("marker").await;
+        let after = ["subscribe", "unsubscribe"].map(|c| redis.command_calls(c));
+        if free {
+            assert_eq!(
+                after,
+                [before[0] + 1, before[1]],
+                "SUBSCRIBE and UNSUBSCRIBE calls in {mode} mode"
+            );
+        } else {
+            // The seed's way: a channel per connection, subscribed and unsubscribed.
+            assert!(
+                after[0] > before[0] && after[1] > before[1],
+                "{before:?} {after:?}"
             );
         }
     }

@@ -128,6 +128,13 @@ pub trait Broker: Send + Sync + 'static {
         })
     }
 
+    /// The tag this replica puts in the first 32 bits of its socket ids (see
+    /// [`crate::types::SocketId::generate_tagged`]), when its broker routes direct messages
+    /// by replica.
+    fn socket_tag(&self) -> Option<u32> {
+        None
+    }
+
     /// Whether the broker is connected and able to deliver.
     fn is_up(&self) -> bool;
 

@@ -2,7 +2,14 @@
 //!
 //! Two connections, as in the seed: a publisher (PUBLISH) and a dedicated subscriber
 //! (SUBSCRIBE/UNSUBSCRIBE + receive). Channels are `{prefix}:{topic}`,
-//! `{prefix}:__socket__:{id}` and `{prefix}:__broadcast__`.
+//! `{prefix}:__broadcast__`, and for direct messages `{prefix}:__direct__:{tag}` — one per
+//! replica, whose socket ids start with its 32-bit tag — and, with
+//! [`SocketChannels::PerSocket`], the seed's `{prefix}:__socket__:{id}` per connection too.
+//!
+//! A direct message goes to the channel the mode prefers (the replica's, or the socket's) and,
+//! when Redis reports no receiver there, to the other: so wsgate replicas in either mode and
+//! seed instances reach each other's connections, while a fleet of per-replica wsgate
+//! replicas subscribes nothing per connection.
 //!
 //! Subscriptions are level-triggered: the hub records which channels are *wanted* (first/last
 //! local subscriber edges), and one subscriber task converges Redis to that set — SUBSCRIBE what
@@ -40,11 +47,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant as Deadline;
 
 use super::{BoxFuture, Broker, BrokerError, Message, Sink, wire};
+use crate::config::SocketChannels;
 use crate::history::{
     HistorySettings, Position, Recovery, RecoveryFailure, Since, Snapshot, new_epoch, valid_epoch,
 };
 use crate::metrics::{BrokerMetrics, DropReason, Metrics};
-use crate::types::{Channel, KeyPrefix, Topic};
+use crate::types::{Channel, DIRECT_TOPIC_PREFIX, KeyPrefix, SocketId, Topic};
 
 /// Most channels in one SUBSCRIBE/UNSUBSCRIBE.
 pub const BATCH: usize = 1000;
@@ -69,6 +77,8 @@ pub struct RedisSettings {
     pub url: String,
     /// Channel namespace.
     pub key_prefix: KeyPrefix,
+    /// How direct messages reach a connection's replica.
+    pub socket_channels: SocketChannels,
     /// Connect and command timeout.
     pub timeout: Duration,
     /// Largest payload accepted from Redis.
@@ -231,6 +241,10 @@ struct Inner {
     client: redis::Client,
     /// This replica's id on the replicas channel.
     replica: uuid::Uuid,
+    /// The first 32 bits of this replica's socket ids, naming its direct channel.
+    tag: u32,
+    /// Also a channel per connection (the seed's), besides the replica's direct channel.
+    per_socket: bool,
     peers: std::sync::Mutex<Peers>,
     announce: Notify,
     /// The next announcement asks the others to answer (a wait for them just started).
@@ -302,6 +316,8 @@ impl RedisBroker {
             inner: Arc::new(Inner {
                 client,
                 replica: uuid::Uuid::new_v4(),
+                tag: rand::random(),
+                per_socket: settings.socket_channels == SocketChannels::PerSocket,
                 peers: std::sync::Mutex::default(),
                 announce: Notify::new(),
                 ask_back: AtomicBool::new(false),
@@ -335,6 +351,32 @@ impl RedisBroker {
 impl Inner {
     fn channel_name(&self, channel: &Channel) -> String {
         format!("{}{}", self.prefix, channel.topic_name())
+    }
+
+    /// The direct channel of the replica whose socket ids start with `tag`.
+    fn direct_channel(&self, tag: u32) -> String {
+        format!("{}{DIRECT_TOPIC_PREFIX}{tag:08x}", self.prefix)
+    }
+
+    /// The Redis channel whose subscription a local channel needs: its own, except that a
+    /// connection's direct messages arrive on the replica's channel unless per-socket.
+    fn subscribed_name(&self, channel: &Channel) -> Option<String> {
+        match channel {
+            Channel::Socket(_) if !self.per_socket => None,
+            _ => Some(self.channel_name(channel)),
+        }
+    }
+
+    /// Where a direct message to `id` is published first, and where again when nobody
+    /// received it there.
+    fn direct_routes(&self, id: SocketId) -> (String, String) {
+        let replica = self.direct_channel(id.tag());
+        let socket = self.channel_name(&Channel::Socket(id));
+        if self.per_socket {
+            (socket, replica)
+        } else {
+            (replica, socket)
+        }
     }
 
     fn connection_config(&self) -> AsyncConnectionConfig {
@@ -582,6 +624,18 @@ impl Inner {
                 "channel outside our prefix".into(),
             ));
         };
+        if topic_name.starts_with(DIRECT_TOPIC_PREFIX) {
+            // Only our own direct channel is ever subscribed.
+            return match wire::decode_direct(self.tag, msg.get_payload_bytes(), self.max_payload) {
+                Ok((id, envelope)) => {
+                    let sink = lock(&self.state).sink.clone();
+                    if let Some(sink) = sink {
+                        sink.deliver(&Channel::Socket(id), envelope.message, None);
+                    }
+                }
+                Err(why) => reject(why),
+            };
+        }
         let Ok(channel) = Channel::from_topic_name(topic_name) else {
             return reject(wire::Rejection::Malformed(
                 "channel is not a valid topic".into(),
@@ -985,17 +1039,27 @@ impl Inner {
         })
     }
 
+    /// Publishes `payload` on `channel`; with a `fallback`, publishes it there too when Redis
+    /// reports that nobody received it on `channel` (a direct message, see
+    /// [`Inner::direct_routes`]).
     async fn publish(
         self: Arc<Self>,
         channel: String,
         payload: Vec<u8>,
+        fallback: Option<String>,
     ) -> Result<(), BrokerError> {
         // The publish's own deadline, counted from its arrival: it is answered by then.
         let deadline = Deadline::now() + self.timeout;
         if let Some(e) = self.refuse_publish() {
             return Err(e);
         }
-        self.send(channel, payload, deadline).await
+        let Some(fallback) = fallback else {
+            return self.send(channel, payload, deadline).await.map(drop);
+        };
+        if self.send(channel, payload.clone(), deadline).await? == 0 {
+            self.send(fallback, payload, deadline).await?;
+        }
+        Ok(())
     }
 
     /// Appends to `topic`'s history and publishes, in one script (see [`APPEND_AND_PUBLISH`]).
@@ -1050,10 +1114,11 @@ impl Inner {
     /// Publishes `commands` (PUBLISH or the history script, one per message) in one pipeline:
     /// one write, one round trip, executed in order. Each gets its own answer; when the
     /// pipeline is not answered by the deadline, every item is a `Timeout` (Redis may have run
-    /// some of them: the outcome is unknown).
+    /// some of them: the outcome is unknown). An item with a fallback (a direct message) is
+    /// published again there, in a second pipeline, when nobody received it.
     async fn publish_pipeline(
         self: Arc<Self>,
-        commands: Vec<redis::Cmd>,
+        commands: Vec<(redis::Cmd, Option<redis::Cmd>)>,
     ) -> Vec<Result<(), BrokerError>> {
         let deadline = Deadline::now() + self.timeout;
         let n = commands.len();
@@ -1062,7 +1127,7 @@ impl Inner {
         }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        for c in &commands {
+        for (c, _) in &commands {
             pipe.add_command(c.clone());
         }
         let answers: Vec<Result<redis::Value, RedisError>> = match self
@@ -1079,11 +1144,32 @@ impl Inner {
                     let mut again = redis::pipe();
                     again.ignore_errors();
                     for i in &refused {
-                        again.add_command(commands[*i].clone());
+                        again.add_command(commands[*i].0.clone());
                     }
                     let retried: Vec<Result<redis::Value, RedisError>> =
                         again.query_async(&mut conn).await?;
                     for (i, r) in refused.into_iter().zip(retried) {
+                        answers[i] = r;
+                    }
+                }
+                // Direct messages nobody received on their first channel, in order.
+                let unheard: Vec<usize> = (0..answers.len())
+                    .filter(|i| {
+                        commands.get(*i).is_some_and(|(_, f)| f.is_some())
+                            && matches!(answers[*i], Ok(redis::Value::Int(0)))
+                    })
+                    .collect();
+                if !unheard.is_empty() {
+                    let mut again = redis::pipe();
+                    again.ignore_errors();
+                    for i in &unheard {
+                        if let Some((_, Some(fallback))) = commands.get(*i) {
+                            again.add_command(fallback.clone());
+                        }
+                    }
+                    let sent: Vec<Result<redis::Value, RedisError>> =
+                        again.query_async(&mut conn).await?;
+                    for (i, r) in unheard.into_iter().zip(sent) {
                         answers[i] = r;
                     }
                 }
@@ -1115,7 +1201,7 @@ impl Inner {
         channel: String,
         payload: Vec<u8>,
         deadline: Deadline,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<i64, BrokerError> {
         let receivers: i64 = self
             .run(deadline, "PUBLISH", async |mut conn| {
                 redis::cmd("PUBLISH")
@@ -1126,7 +1212,7 @@ impl Inner {
             })
             .await?;
         tracing::trace!(%channel, receivers, "published");
-        Ok(())
+        Ok(receivers)
     }
 
     /// Runs `command` on the publisher connection, answered by `deadline`: `Unavailable` when
@@ -1505,9 +1591,15 @@ impl Broker for RedisBroker {
                 {
                     let mut st = lock(&self.inner.state);
                     st.sink = Some(sink);
-                    let replicas = self.inner.replicas_channel();
-                    st.channels.entry(replicas.clone()).or_default().wanted = true;
-                    st.dirty.insert(replicas);
+                    // The channels every replica keeps: the announcements, and its direct
+                    // messages.
+                    for name in [
+                        self.inner.replicas_channel(),
+                        self.inner.direct_channel(self.inner.tag),
+                    ] {
+                        st.channels.entry(name.clone()).or_default().wanted = true;
+                        st.dirty.insert(name);
+                    }
                 }
                 self.inner.stopped.store(false, Ordering::Release);
                 *self
@@ -1529,7 +1621,9 @@ impl Broker for RedisBroker {
     }
 
     fn channel_added(&self, channel: &Channel) {
-        let name = self.inner.channel_name(channel);
+        let Some(name) = self.inner.subscribed_name(channel) else {
+            return;
+        };
         let history = self
             .inner
             .history
@@ -1547,7 +1641,9 @@ impl Broker for RedisBroker {
     }
 
     fn channel_removed(&self, channel: &Channel) {
-        let name = self.inner.channel_name(channel);
+        let Some(name) = self.inner.subscribed_name(channel) else {
+            return;
+        };
         let mut st = lock(&self.inner.state);
         if let Some(c) = st.channels.get_mut(&name) {
             c.wanted = false;
@@ -1563,7 +1659,10 @@ impl Broker for RedisBroker {
     }
 
     fn confirmed(&self, channel: &Channel) -> BoxFuture<'_, Result<(), BrokerError>> {
-        let name = self.inner.channel_name(channel);
+        let name = self
+            .inner
+            .subscribed_name(channel)
+            .unwrap_or_else(|| self.inner.direct_channel(self.inner.tag));
         let rx = {
             let mut st = lock(&self.inner.state);
             let up = self.inner.up.load(Ordering::Acquire);
@@ -1604,33 +1703,44 @@ impl Broker for RedisBroker {
             );
         }
         let payload = wire::encode(&channel.topic_name(), &message);
-        Box::pin(self.inner.clone().publish(name, payload))
+        if let Channel::Socket(id) = channel {
+            let (first, fallback) = self.inner.direct_routes(*id);
+            return Box::pin(self.inner.clone().publish(first, payload, Some(fallback)));
+        }
+        Box::pin(self.inner.clone().publish(name, payload, None))
     }
 
     fn publish_batch(
         &self,
         items: Vec<(Channel, Message)>,
     ) -> BoxFuture<'_, Vec<Result<(), BrokerError>>> {
-        let commands: Vec<redis::Cmd> =
-            items
-                .iter()
-                .map(|(channel, message)| {
-                    let name = self.inner.channel_name(channel);
-                    let topic_name = channel.topic_name();
-                    let history = self.inner.history.as_ref().and_then(|h| h.topic(channel));
+        let publish = |name: String, payload: &[u8]| {
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(name).arg(payload);
+            cmd
+        };
+        let commands: Vec<(redis::Cmd, Option<redis::Cmd>)> = items
+            .iter()
+            .map(|(channel, message)| {
+                let name = self.inner.channel_name(channel);
+                let topic_name = channel.topic_name();
+                if let Channel::Socket(id) = channel {
+                    let (first, fallback) = self.inner.direct_routes(*id);
+                    let payload = wire::encode(&topic_name, message);
+                    return (publish(first, &payload), Some(publish(fallback, &payload)));
+                }
+                let history = self.inner.history.as_ref().and_then(|h| h.topic(channel));
+                let cmd =
                     match history {
                         Some(topic) if *message != Message::Disconnect => self
                             .inner
                             .append_command(topic, &name, wire::encode_head(&topic_name, message)),
                         _ => None,
                     }
-                    .unwrap_or_else(|| {
-                        let mut cmd = redis::cmd("PUBLISH");
-                        cmd.arg(name).arg(wire::encode(&topic_name, message));
-                        cmd
-                    })
-                })
-                .collect();
+                    .unwrap_or_else(|| publish(name, &wire::encode(&topic_name, message)));
+                (cmd, None)
+            })
+            .collect();
         Box::pin(self.inner.clone().publish_pipeline(commands))
     }
 
@@ -1674,6 +1784,10 @@ impl Broker for RedisBroker {
         })
     }
 
+    fn socket_tag(&self) -> Option<u32> {
+        Some(self.inner.tag)
+    }
+
     fn is_up(&self) -> bool {
         self.inner.up.load(Ordering::Acquire)
     }
@@ -1692,6 +1806,8 @@ impl Broker for RedisBroker {
             "failedChannels": failed,
             "reconnects": self.inner.metrics.reconnects.get(),
             "replica": self.inner.replica.to_string(),
+            "socketChannels": if self.inner.per_socket { "per-socket" } else { "per-replica" },
+            "socketTag": format!("{:08x}", self.inner.tag),
             "waitingForReplicas": self.inner.barrier().unwrap_or(0),
             "replicasSeen": self.inner.replicas_seen(),
         })
@@ -1754,6 +1870,7 @@ mod tests {
         let settings = RedisSettings {
             url: "redis://127.0.0.1:1".into(),
             key_prefix: KeyPrefix::new("unit").unwrap(),
+            socket_channels: SocketChannels::PerReplica,
             timeout: Duration::from_millis(500),
             max_payload: 1024,
             ca_pem: None,

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Message;
 use crate::history::{Position, valid_epoch};
+use crate::types::{SOCKET_TOPIC_PREFIX, SocketId};
 
 /// Why a payload was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -160,12 +161,45 @@ impl<'de> Deserialize<'de> for Raw {
 /// # Errors
 /// [`Rejection`] saying why the payload is unacceptable.
 pub fn decode(channel_topic: &str, payload: &[u8], max_len: usize) -> Result<Envelope, Rejection> {
+    decode_for(payload, max_len, |topic| topic == channel_topic)
+}
+
+/// Decodes a payload received on a replica's direct channel (`__direct__:<tag>`): a message
+/// for one of its connections, whose envelope topic is that connection's `__socket__:<id>`,
+/// an id carrying the channel's `tag`.
+///
+/// # Errors
+/// [`Rejection`] saying why the payload is unacceptable.
+pub fn decode_direct(
+    tag: u32,
+    payload: &[u8],
+    max_len: usize,
+) -> Result<(SocketId, Envelope), Rejection> {
+    let mut id = None;
+    let envelope = decode_for(payload, max_len, |topic| {
+        id = topic
+            .strip_prefix(SOCKET_TOPIC_PREFIX)
+            .and_then(|s| SocketId::parse(s).ok())
+            .filter(|s| s.tag() == tag);
+        id.is_some()
+    })?;
+    match id {
+        Some(id) => Ok((id, envelope)),
+        None => Err(Rejection::TopicMismatch(String::new())),
+    }
+}
+
+fn decode_for(
+    payload: &[u8],
+    max_len: usize,
+    topic_fits: impl FnOnce(&str) -> bool,
+) -> Result<Envelope, Rejection> {
     if payload.len() > max_len {
         return Err(Rejection::TooLarge(payload.len()));
     }
     let raw: Raw =
         serde_json::from_slice(payload).map_err(|e| Rejection::Malformed(e.to_string()))?;
-    if raw.topic != channel_topic {
+    if !topic_fits(&raw.topic) {
         return Err(Rejection::TopicMismatch(
             raw.topic.chars().take(64).collect(),
         ));
@@ -180,7 +214,7 @@ pub fn decode(channel_topic: &str, payload: &[u8], max_len: usize) -> Result<Env
     };
     let message = match (raw.control.as_deref(), raw.is_binary) {
         (Some("disconnect"), _) => {
-            if !channel_topic.starts_with(crate::types::SOCKET_TOPIC_PREFIX) {
+            if !raw.topic.starts_with(SOCKET_TOPIC_PREFIX) {
                 return Err(Rejection::MisplacedControl);
             }
             Message::Disconnect
@@ -239,6 +273,42 @@ mod tests {
         assert_eq!(decode(ch, &d, 1024).unwrap().message, Message::Disconnect);
         let d = encode("news", &Message::Disconnect);
         assert_eq!(decode("news", &d, 1024), Err(Rejection::MisplacedControl));
+    }
+
+    #[test]
+    fn a_direct_channel_takes_messages_for_its_own_sockets_only() {
+        let id = "3f2b6f8e-2a53-4a7c-9a8e-1b2c3d4e5f60";
+        let ch = format!("__socket__:{id}");
+        let text = encode(&ch, &Message::Text(Bytes::from_static(b"hi")));
+        let (to, e) = decode_direct(0x3f2b_6f8e, &text, 1024).unwrap();
+        assert_eq!(to.to_string(), id);
+        assert_eq!(e.message, Message::Text(Bytes::from_static(b"hi")));
+        let (_, e) = decode_direct(0x3f2b_6f8e, &encode(&ch, &Message::Disconnect), 1024).unwrap();
+        assert_eq!(e.message, Message::Disconnect);
+        // Another replica's socket, a topic, broadcast, a bad id: all refused.
+        assert!(matches!(
+            decode_direct(0x3f2b_6f8f, &text, 1024),
+            Err(Rejection::TopicMismatch(_))
+        ));
+        for topic in [
+            "news",
+            "__broadcast__",
+            "__socket__:3f2b6f8e",
+            "__socket__:3f2b6f8e-2a53-1a7c-9a8e-1b2c3d4e5f60",
+        ] {
+            let p = encode(topic, &Message::Text(Bytes::from_static(b"x")));
+            assert!(
+                matches!(
+                    decode_direct(0x3f2b_6f8e, &p, 1024),
+                    Err(Rejection::TopicMismatch(_))
+                ),
+                "{topic}"
+            );
+        }
+        assert!(matches!(
+            decode_direct(0x3f2b_6f8e, &text, 10),
+            Err(Rejection::TooLarge(_))
+        ));
     }
 
     #[test]
