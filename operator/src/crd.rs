@@ -265,6 +265,36 @@ pub struct RedisSpec {
     /// Secret key whose value is the Redis URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_secret_ref: Option<SecretKeyRef>,
+
+    /// How direct messages (`/api/send`, `/api/disconnect`) reach a connection's pod:
+    /// `PerReplica` (the default: one Redis channel per pod, nothing subscribed per
+    /// connection) or `PerSocket` (also the seed's channel per connection — for a fleet where
+    /// `@orijs/websocket-redis` instances send to this cluster's connections).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_channels: Option<SocketChannels>,
+}
+
+/// How direct messages (`/api/send`, `/api/disconnect`) reach a connection's pod (the
+/// gateway's `--socket-channels`): `PerReplica` (default) subscribes one Redis channel per pod;
+/// `PerSocket` also the seed's channel per connection, for fleets where
+/// `@orijs/websocket-redis` instances send to this cluster's connections.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum SocketChannels {
+    /// One channel per pod.
+    PerReplica,
+    /// Also one channel per connection, as the seed keeps.
+    PerSocket,
+}
+
+impl SocketChannels {
+    /// The gateway's spelling of the mode.
+    #[must_use]
+    pub fn flag_value(self) -> &'static str {
+        match self {
+            Self::PerReplica => "per-replica",
+            Self::PerSocket => "per-socket",
+        }
+    }
 }
 
 /// A key in a Secret in the WsCluster's namespace.

@@ -138,6 +138,7 @@ mod tests {
         Some(RedisSpec {
             url: Some("redis://redis:6379".into()),
             url_secret_ref: None,
+            socket_channels: None,
         })
     }
 
@@ -227,6 +228,7 @@ mod tests {
                     name: "s".into(),
                     key: "k".into(),
                 }),
+                socket_channels: None,
             }),
             ..WsClusterSpec::default()
         };

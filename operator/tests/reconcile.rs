@@ -276,6 +276,7 @@ fn redis() -> Option<RedisSpec> {
     Some(RedisSpec {
         url: Some("redis://redis:6379".into()),
         url_secret_ref: None,
+        socket_channels: None,
     })
 }
 

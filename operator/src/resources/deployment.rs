@@ -201,6 +201,9 @@ fn env(wsc: &WsCluster, id: &Identity) -> Vec<EnvVar> {
         } else if let Some(url) = &redis.url {
             env.push(plain("WSGATE_REDIS_URL", url.clone()));
         }
+        if let Some(mode) = redis.socket_channels {
+            env.push(plain("WSGATE_SOCKET_CHANNELS", mode.flag_value().into()));
+        }
     }
     let api_key = spec
         .api_key_secret_ref
@@ -297,7 +300,7 @@ fn default_topology_spread(selector: &BTreeMap<String, String>) -> Vec<TopologyS
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{AutoscalingSpec, RedisSpec, WsClusterSpec};
+    use crate::crd::{AutoscalingSpec, RedisSpec, SocketChannels, WsClusterSpec};
     use crate::resources::testing::{assert_owned_and_labelled, cluster, defaults, id};
 
     fn build(spec: WsClusterSpec) -> Deployment {
@@ -376,6 +379,7 @@ mod tests {
             redis: Some(RedisSpec {
                 url: Some("redis://r:6379".into()),
                 url_secret_ref: None,
+                socket_channels: None,
             }),
             autoscaling: Some(AutoscalingSpec {
                 min_replicas: 2,
@@ -440,6 +444,7 @@ mod tests {
             redis: Some(RedisSpec {
                 url: Some("redis://r:6379".into()),
                 url_secret_ref: None,
+                socket_channels: None,
             }),
             ..Default::default()
         });
@@ -455,6 +460,7 @@ mod tests {
                     name: "redis".into(),
                     key: "url".into(),
                 }),
+                socket_channels: None,
             }),
             ..Default::default()
         });
@@ -467,6 +473,37 @@ mod tests {
             .and_then(|v| v.secret_key_ref)
             .expect("secret ref");
         assert_eq!((sel.name.as_str(), sel.key.as_str()), ("redis", "url"));
+    }
+
+    #[test]
+    fn the_socket_channel_mode_is_passed_only_when_set() {
+        let redis = |mode| {
+            build(WsClusterSpec {
+                redis: Some(RedisSpec {
+                    url: Some("redis://r:6379".into()),
+                    url_secret_ref: None,
+                    socket_channels: mode,
+                }),
+                ..Default::default()
+            })
+        };
+        assert_eq!(env_value(&redis(None), "WSGATE_SOCKET_CHANNELS"), None);
+        assert_eq!(
+            env_value(
+                &redis(Some(SocketChannels::PerSocket)),
+                "WSGATE_SOCKET_CHANNELS"
+            )
+            .as_deref(),
+            Some("per-socket")
+        );
+        assert_eq!(
+            env_value(
+                &redis(Some(SocketChannels::PerReplica)),
+                "WSGATE_SOCKET_CHANNELS"
+            )
+            .as_deref(),
+            Some("per-replica")
+        );
     }
 
     #[test]

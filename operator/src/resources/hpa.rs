@@ -116,6 +116,7 @@ mod tests {
             redis: Some(RedisSpec {
                 url: Some("redis://r:6379".into()),
                 url_secret_ref: None,
+                socket_channels: None,
             }),
             autoscaling: Some(AutoscalingSpec {
                 min_replicas: 2,
