@@ -23,6 +23,7 @@ use crate::deployment::{self, Deployment};
 use crate::fanout::topic_names;
 use crate::procfs::{self, CpuSnapshot, CpuUse};
 use crate::report::{self, Latency, Output};
+use crate::resp::{self, CommandCounts, RedisCommands};
 
 /// Connections that are open and joined, per replica.
 pub struct Opened {
@@ -331,6 +332,8 @@ pub struct ConnectReport {
     /// Bench processes that held the connections (more than one past the open-file limit;
     /// the bench's CPU line covers the first only).
     pub bench_processes: usize,
+    /// What Redis ran meanwhile (with Redis; replicas' heartbeats included, two a second each).
+    pub redis: Option<RedisCommands>,
     pub cpu: Vec<CpuUse>,
 }
 
@@ -370,6 +373,16 @@ impl ConnectReport {
                  dropped and retried after 1 s (see docs/performance.md)"
             );
         }
+        if let Some(r) = &self.redis {
+            let _ = writeln!(
+                o,
+                "  redis: {} commands ({} SUBSCRIBE, {} UNSUBSCRIBE calls), {:+} channels",
+                report::count(r.total),
+                report::count(r.subscribe),
+                report::count(r.unsubscribe),
+                r.channels_added
+            );
+        }
         report::cpu_table(&mut o, &self.cpu, "conn");
         if self.bench_processes > 1 {
             let _ = writeln!(
@@ -379,6 +392,19 @@ impl ConnectReport {
             );
         }
         o
+    }
+}
+
+/// Redis's command counters, when the deployment has a Redis to inspect.
+async fn redis_counts(dep: &Deployment) -> Option<CommandCounts> {
+    let target = dep.redis.as_ref()?;
+    let read = async { resp::Client::connect(target).await?.command_counts().await };
+    match read.await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("warning: cannot read redis's command counters: {e:#}");
+            None
+        }
     }
 }
 
@@ -399,6 +425,7 @@ pub async fn connect(
     let base = format!("conn-{}", std::process::id());
     dep.warn_fd_limits(args.connections.div_ceil(dep.replicas.len()));
     let overflows_before = procfs::listen_overflows();
+    let redis_before = redis_counts(dep).await;
     let before = CpuSnapshot::take(&dep.processes);
     let opened = open_joined(
         dep,
@@ -409,6 +436,10 @@ pub async fn connect(
     )
     .await?;
     let after = CpuSnapshot::take(&dep.processes);
+    let redis = match (redis_before, redis_counts(dep).await) {
+        (Some(b), Some(a)) => Some(b.until(&a)),
+        _ => None,
+    };
     let listen_overflows = procfs::listen_overflows()
         .zip(overflows_before)
         .map(|(a, b)| a.saturating_sub(b));
@@ -429,6 +460,7 @@ pub async fn connect(
         per_replica: opened.per_replica.clone(),
         listen_overflows,
         bench_processes: 1 + opened.helper_processes(),
+        redis,
         cpu: procfs::cpu_use(&dep.processes, &before, &after, ok),
     };
     drop(opened);

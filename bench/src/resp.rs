@@ -95,6 +95,33 @@ impl Client {
         }
     }
 
+    /// Commands Redis has run since it started: every command, and `SUBSCRIBE` and
+    /// `UNSUBSCRIBE` calls (from INFO stats and INFO commandstats).
+    ///
+    /// # Errors
+    /// As [`Client::command`], or when the total is missing.
+    pub async fn command_counts(&mut self) -> Result<CommandCounts> {
+        let text = match self.command(&["INFO", "all"]).await? {
+            Reply::Bulk(Some(text)) => String::from_utf8_lossy(&text).into_owned(),
+            other => bail!("redis INFO: unexpected reply {other:?}"),
+        };
+        let calls = |command: &str| {
+            let key = format!("cmdstat_{command}:calls=");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&key))
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok(CommandCounts {
+            total: info_field(&text, "total_commands_processed")
+                .ok_or_else(|| anyhow!("redis INFO: no total_commands_processed"))?,
+            subscribe: calls("subscribe"),
+            unsubscribe: calls("unsubscribe"),
+            channels: info_field(&text, "pubsub_channels").unwrap_or(0),
+        })
+    }
+
     /// `used_memory` from INFO memory, in bytes.
     ///
     /// # Errors
@@ -106,6 +133,37 @@ impl Client {
             other => bail!("redis INFO: unexpected reply {other:?}"),
         }
     }
+}
+
+/// Redis's command counters at one moment (see [`Client::command_counts`]).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct CommandCounts {
+    pub total: u64,
+    pub subscribe: u64,
+    pub unsubscribe: u64,
+    /// Channels with a subscriber (a gauge, not a counter).
+    pub channels: u64,
+}
+
+impl CommandCounts {
+    /// What happened between `self` (before) and `after`; `channels` is the change.
+    pub fn until(&self, after: &CommandCounts) -> RedisCommands {
+        RedisCommands {
+            total: after.total.saturating_sub(self.total),
+            subscribe: after.subscribe.saturating_sub(self.subscribe),
+            unsubscribe: after.unsubscribe.saturating_sub(self.unsubscribe),
+            channels_added: after.channels as i64 - self.channels as i64,
+        }
+    }
+}
+
+/// Redis commands run during a scenario (the bench's own INFO calls included: two).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct RedisCommands {
+    pub total: u64,
+    pub subscribe: u64,
+    pub unsubscribe: u64,
+    pub channels_added: i64,
 }
 
 fn info_field(info: &str, name: &str) -> Option<u64> {
