@@ -7,7 +7,7 @@ use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
@@ -64,19 +64,24 @@ pub fn router(
         conn,
         handler,
     };
+    // Full paths rather than a router nested at /api, whose fallback missed `/api` and
+    // `/api/` themselves (they got the bare 404 of the outer router, not the JSON error).
+    let not_found = || async { ApiError::NotFound };
     let api_routes = Router::new()
-        .route("/publish", post(publish))
-        .route("/batch", post(batch))
-        .route("/broadcast", post(broadcast))
-        .route("/send", post(send))
-        .route("/disconnect", post(disconnect))
-        .route("/stats", get(stats))
-        .route("/topics/{topic}", get(topic_stats))
-        .fallback(|| async { ApiError::NotFound })
-        .layer(middleware::from_fn_with_state(state.clone(), authorize));
+        .route("/api/publish", post(publish))
+        .route("/api/batch", post(batch))
+        .route("/api/broadcast", post(broadcast))
+        .route("/api/send", post(send))
+        .route("/api/disconnect", post(disconnect))
+        .route("/api/stats", get(stats))
+        .route("/api/topics/{topic}", get(topic_stats))
+        .route("/api", any(not_found))
+        .route("/api/", any(not_found))
+        .route("/api/{*rest}", any(not_found))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route(&ws_path, get(websocket))
-        .nest("/api", api_routes)
+        .merge(api_routes)
         .layer(middleware::from_fn_with_state(state.clone(), count_errors))
         .with_state(state)
 }

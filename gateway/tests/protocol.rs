@@ -190,11 +190,16 @@ async fn every_bad_api_request_gets_a_json_error_with_the_right_status() {
     }
     let (status, _) = http.get_json("/api/topics/a%20b").await;
     assert_eq!(status, 400);
-    let (status, body) = http.get_json("/api/nope").await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (404, Some("not_found"))
-    );
+    for path in ["/api/nope", "/api", "/api/", "/api/publish/more", "/api/topics/a/b"] {
+        let (status, body) = http.get_json(path).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (404, Some("not_found")),
+            "{path}"
+        );
+    }
+    let r = http.get("/api/publish").send().await.unwrap();
+    assert_eq!(r.status(), 405, "a known path with the wrong method");
     // The gateway is still healthy.
     assert_eq!(http.get("/healthz").send().await.unwrap().status(), 200);
     http.publish("a", "fine").await;
@@ -208,7 +213,7 @@ async fn every_bad_api_request_gets_a_json_error_with_the_right_status() {
         .unwrap()
     };
     assert_eq!(errors("unsupported_media_type"), 2.0);
-    assert_eq!(errors("not_found"), 1.0);
+    assert_eq!(errors("not_found"), 5.0);
     assert!(errors("payload_too_large") >= 2.0);
     assert_eq!(errors("bad_request"), 9.0);
     assert_eq!(errors("invalid_field"), 5.0);
@@ -233,6 +238,11 @@ async fn api_key_is_required_when_configured() {
     assert_eq!(r.status(), 403);
     let r = http.get("/api/stats").send().await.unwrap();
     assert_eq!(r.status(), 401);
+    // Paths that do not exist say so only to callers with the key.
+    let r = http.get("/api/nope").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.get("/api/nope").bearer_auth(key).send().await.unwrap();
+    assert_eq!(r.status(), 404);
     let r = http
         .post("/api/publish")
         .bearer_auth(key)
@@ -252,7 +262,7 @@ async fn api_key_is_required_when_configured() {
             &format!("wsgate_http_errors_total{{code=\"{code}\"}}"),
         )
     };
-    assert_eq!(errors("unauthorized"), Some(2.0));
+    assert_eq!(errors("unauthorized"), Some(3.0));
     assert_eq!(errors("forbidden"), Some(1.0));
     assert_eq!(errors("broker_unavailable"), Some(0.0));
 }
