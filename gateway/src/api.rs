@@ -39,6 +39,8 @@ pub struct ApiSettings {
     pub max_batch_bytes: usize,
     /// WebSocket path.
     pub ws_path: String,
+    /// Connection authentication.
+    pub auth: Arc<crate::auth::AuthSettings>,
 }
 
 #[derive(Clone)]
@@ -148,10 +150,21 @@ async fn websocket(State(st): State<AppState>, mut req: Request) -> Response {
     let Some(on_upgrade) = req.extensions_mut().remove::<OnUpgrade>() else {
         return ApiError::BadRequest("this connection cannot be upgraded".into()).into_response();
     };
+    let identity = match upgrade_identity(&st, &req) {
+        Ok(identity) => identity,
+        Err(why) => {
+            st.hub.metrics().auth_failed(why);
+            return ApiError::TokenRefused(why).into_response();
+        }
+    };
     let (deflate, extensions) = if st.conn.compression {
         deflate::negotiate(req.headers()).unzip()
     } else {
         (None, None)
+    };
+    let auth = conn::ConnAuth {
+        settings: st.api.auth.clone(),
+        identity,
     };
     tokio::spawn(conn::serve_upgraded(
         st.hub.clone(),
@@ -160,8 +173,49 @@ async fn websocket(State(st): State<AppState>, mut req: Request) -> Response {
         st.conn,
         st.handler.clone(),
         deflate,
+        auth,
     ));
     conn::switching_protocols(accept, extensions)
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// The identity a token on the upgrade request proves: `?token=` (browsers cannot set
+/// headers on a WebSocket) or `Authorization: Bearer`. No token is no identity, except for an
+/// embedder's protocol in required mode, which has no `auth.authenticate` message.
+fn upgrade_identity(
+    st: &AppState,
+    req: &Request,
+) -> Result<Option<crate::auth::Identity>, crate::auth::AuthFailure> {
+    use crate::auth::{AuthFailure, AuthMode};
+    let auth = &st.api.auth;
+    let Some(verifier) = &auth.verifier else {
+        return Ok(None);
+    };
+    let from_query = axum::extract::Query::<TokenQuery>::try_from_uri(req.uri())
+        .ok()
+        .and_then(|q| q.0.token);
+    let from_header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.strip_prefix("Bearer "))
+                .map(str::to_owned)
+                .ok_or(AuthFailure::Malformed)
+        })
+        .transpose()?;
+    match from_query.or(from_header) {
+        Some(token) => verifier.verify(&token).map(Some),
+        None if auth.mode == AuthMode::Required && st.handler.is_some() => {
+            Err(AuthFailure::Missing)
+        }
+        None => Ok(None),
+    }
 }
 
 /// Bearer-key check (constant time), or loopback-only when no key is configured.

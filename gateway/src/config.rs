@@ -228,6 +228,58 @@ pub struct Config {
     #[arg(long, env = "WSGATE_HISTORY_TTL_SECS", default_value_t = crate::history::DEFAULT_TTL_SECS, value_name = "SECS")]
     pub history_ttl_secs: u64,
 
+    /// Connection authentication: off (anyone joins anything), optional (connections without a
+    /// token join only --anonymous-topics) or required (a JWT on the upgrade or in the first
+    /// message).
+    #[arg(long, env = "WSGATE_AUTH", value_enum, default_value_t = crate::auth::AuthMode::Off, value_name = "off|optional|required")]
+    pub auth: crate::auth::AuthMode,
+
+    /// File holding the HMAC secret tokens are signed with (HS256/384/512; at least 32 bytes).
+    #[arg(long, env = "WSGATE_JWT_SECRET_FILE", value_name = "PATH")]
+    pub jwt_secret_file: Option<std::path::PathBuf>,
+
+    /// PEM file with the public key tokens are signed for (RSA, EC P-256/P-384 or Ed25519).
+    #[arg(long, env = "WSGATE_JWT_PUBLIC_KEY_FILE", value_name = "PATH")]
+    pub jwt_public_key_file: Option<std::path::PathBuf>,
+
+    /// JWKS file with the keys tokens are signed for, picked by `kid`; re-read when it
+    /// changes (rotation without restart).
+    #[arg(long, env = "WSGATE_JWT_JWKS_FILE", value_name = "PATH")]
+    pub jwt_jwks_file: Option<std::path::PathBuf>,
+
+    /// Required `aud` claim.
+    #[arg(long, env = "WSGATE_JWT_AUDIENCE", value_name = "AUD")]
+    pub jwt_audience: Option<String>,
+
+    /// Required `iss` claim.
+    #[arg(long, env = "WSGATE_JWT_ISSUER", value_name = "ISS")]
+    pub jwt_issuer: Option<String>,
+
+    /// Clock leeway, in seconds: tokens are accepted this long past `exp` (and before `nbf`),
+    /// and connections kept this long past their token's `exp`.
+    #[arg(long, env = "WSGATE_JWT_LEEWAY_SECS", default_value_t = crate::auth::DEFAULT_LEEWAY_SECS, value_name = "SECS")]
+    pub jwt_leeway_secs: u64,
+
+    /// Milliseconds a connection without a token on its upgrade has to send
+    /// `{"type":"auth.authenticate","token":"…"}` (--auth required).
+    #[arg(
+        long,
+        env = "WSGATE_AUTH_TIMEOUT_MS",
+        default_value_t = 5000,
+        value_name = "MS"
+    )]
+    pub auth_timeout_ms: u64,
+
+    /// Topics connections without a token may join with --auth optional: comma-separated exact
+    /// names, prefixes (`public:*`) or `*` (default: none).
+    #[arg(
+        long,
+        env = "WSGATE_ANONYMOUS_TOPICS",
+        default_value = "",
+        value_name = "PATTERNS"
+    )]
+    pub anonymous_topics: String,
+
     /// permessage-deflate (RFC 7692) for clients that offer it: each published message is
     /// compressed once and the same compressed frame goes to every such recipient.
     #[arg(long, env = "WSGATE_COMPRESSION", value_enum, default_value_t = Switch::On, value_name = "on|off")]
@@ -440,6 +492,67 @@ impl Config {
                 ttl: Duration::from_secs(self.history_ttl_secs),
             }),
         )
+    }
+
+    /// The authentication settings, with the verifier built from the key file.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a missing, extra or unreadable key, or bad patterns.
+    pub fn auth(&self) -> Result<crate::auth::AuthSettings, Error> {
+        use crate::auth::{AuthMode, KeySource, Verifier};
+        const KEYS: &str = "--jwt-secret-file / --jwt-public-key-file / --jwt-jwks-file";
+        let sources: Vec<KeySource> = [
+            self.jwt_secret_file.clone().map(KeySource::Secret),
+            self.jwt_public_key_file.clone().map(KeySource::PublicKey),
+            self.jwt_jwks_file.clone().map(KeySource::Jwks),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let anonymous = crate::history::Patterns::parse(&self.anonymous_topics)
+            .map_err(|e| invalid("--anonymous-topics (WSGATE_ANONYMOUS_TOPICS)", e))?;
+        if self.auth != AuthMode::Optional && !anonymous.is_empty() {
+            return Err(invalid(
+                "--anonymous-topics (WSGATE_ANONYMOUS_TOPICS)",
+                "only applies with --auth optional",
+            ));
+        }
+        let verifier = match (self.auth, sources.as_slice()) {
+            (AuthMode::Off, []) => None,
+            (AuthMode::Off, _) => {
+                return Err(invalid(KEYS, "a key needs --auth optional or required"));
+            }
+            (_, [source]) => Some(std::sync::Arc::new(
+                Verifier::new(
+                    source,
+                    self.jwt_audience.clone(),
+                    self.jwt_issuer.clone(),
+                    self.jwt_leeway_secs,
+                )
+                .map_err(|e| invalid(KEYS, e))?,
+            )),
+            (_, []) => return Err(invalid(KEYS, "--auth needs one key")),
+            (_, _) => return Err(invalid(KEYS, "give exactly one key")),
+        };
+        if self.jwt_leeway_secs > 300 {
+            return Err(invalid(
+                "--jwt-leeway-secs (WSGATE_JWT_LEEWAY_SECS)",
+                "must be 0..=300",
+            ));
+        }
+        if !(100..=600_000).contains(&self.auth_timeout_ms) {
+            return Err(invalid(
+                "--auth-timeout-ms (WSGATE_AUTH_TIMEOUT_MS)",
+                "must be 100..=600000",
+            ));
+        }
+        Ok(crate::auth::AuthSettings {
+            mode: self.auth,
+            verifier,
+            anonymous_topics: anonymous,
+            timeout: Duration::from_millis(self.auth_timeout_ms),
+            leeway: Duration::from_secs(self.jwt_leeway_secs),
+        })
     }
 
     /// Broker connect timeout.

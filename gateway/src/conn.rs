@@ -20,6 +20,7 @@ use sha1::{Digest, Sha1};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
+use crate::auth::{AuthFailure, AuthMode, AuthSettings, Identity};
 use crate::broker::{BrokerError, Message};
 use crate::deflate::Negotiated;
 use crate::error::{ApiError, ClientError};
@@ -146,6 +147,7 @@ pub async fn serve_upgraded(
     settings: ConnSettings,
     handler: Option<Arc<dyn MessageHandler>>,
     deflate: Option<Negotiated>,
+    auth: ConnAuth,
 ) {
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
@@ -167,6 +169,7 @@ pub async fn serve_upgraded(
                 settings,
                 handler,
                 deflate,
+                auth,
             };
             run(hub, reader, writer, start).await;
         }
@@ -180,10 +183,40 @@ pub async fn serve_upgraded(
                 settings,
                 handler,
                 deflate,
+                auth,
             };
             run(hub, reader, writer, start).await;
         }
     }
+}
+
+/// What a connection knows of authentication when it opens: the settings, and the identity a
+/// token on the upgrade request proved, if any.
+pub struct ConnAuth {
+    pub settings: Arc<AuthSettings>,
+    pub identity: Option<Identity>,
+}
+
+impl ConnAuth {
+    /// Authentication off.
+    pub fn off() -> Self {
+        Self {
+            settings: Arc::new(AuthSettings::off()),
+            identity: None,
+        }
+    }
+}
+
+/// Where a connection stands with authentication.
+enum AuthState {
+    /// `--auth off`: today's behaviour.
+    Off,
+    /// No token (`--auth optional`): `--anonymous-topics` only.
+    Anonymous,
+    /// No token yet (`--auth required`): only pings and `auth.authenticate`, until the deadline.
+    Pending,
+    /// A verified token.
+    User(Identity),
 }
 
 /// Where the writer puts bytes.
@@ -279,6 +312,7 @@ struct Start {
     handler: Option<Arc<dyn MessageHandler>>,
     /// permessage-deflate, if the handshake agreed it.
     deflate: Option<Negotiated>,
+    auth: ConnAuth,
 }
 
 async fn run<R>(hub: Hub, mut reader: R, writer: Writer, start: Start)
@@ -291,6 +325,7 @@ where
         settings,
         handler,
         deflate,
+        auth,
     } = start;
     let socket = match &writer {
         Writer::Tcp(socket) => Some(socket.clone()),
@@ -315,6 +350,18 @@ where
         hub.open(&conn).await;
     }
 
+    let (state, deadline) = match (auth.settings.mode, auth.identity) {
+        (AuthMode::Off, _) => (AuthState::Off, None),
+        (_, Some(identity)) => {
+            let until = expiry(&identity, &auth.settings);
+            (AuthState::User(identity), Some(until))
+        }
+        (AuthMode::Optional, None) => (AuthState::Anonymous, None),
+        (AuthMode::Required, None) => (
+            AuthState::Pending,
+            Some(tokio::time::Instant::now() + auth.settings.timeout),
+        ),
+    };
     let mut session = Session {
         hub: &hub,
         conn: &conn,
@@ -323,6 +370,9 @@ where
         settings,
         peer_closed: false,
         handler,
+        auth: auth.settings,
+        state,
+        deadline,
     };
     // Copy what the HTTP layer read past the upgrade request, and let go of its buffer: the
     // `Bytes` may pin hyper's whole read buffer for the life of the connection.
@@ -351,9 +401,14 @@ where
             // Release the read buffer between messages.
             buf = BytesMut::new();
         }
+        let deadline = session.deadline;
         tokio::select! {
             biased;
             () = conn.outbox.closing() => break,
+            () = until(deadline) => {
+                session.on_deadline();
+                break;
+            }
             r = reader.read_into(&mut buf) => match r {
                 Ok(0) => {
                     // End of stream without a close frame: nothing left to send to.
@@ -407,6 +462,20 @@ where
     drop(slot);
 }
 
+/// When a token that expires at `identity.expires_at` stops being accepted (the same clock
+/// leeway as when it was verified).
+fn expiry(identity: &Identity, settings: &AuthSettings) -> tokio::time::Instant {
+    tokio::time::Instant::now() + identity.remaining() + settings.leeway
+}
+
+/// Resolves at `deadline`, or never.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Reads and discards what the peer sends until its close frame or the end of the stream.
 /// Bytes that do not parse are discarded unparsed.
 async fn linger<R: ReadSource>(reader: &mut R, frames: &mut FrameReader, buf: &mut BytesMut) {
@@ -440,6 +509,11 @@ struct Session<'a> {
     peer_closed: bool,
     /// The embedder's protocol, in place of wsgate's.
     handler: Option<Arc<dyn MessageHandler>>,
+    auth: Arc<AuthSettings>,
+    state: AuthState,
+    /// When the connection is closed unless something happens first: the end of the time to
+    /// authenticate, or the token's expiry.
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl Session<'_> {
@@ -496,7 +570,7 @@ impl Session<'_> {
             (_, item) => item,
         };
         match item {
-            Inbound::Text(text) => self.on_text(&text).await,
+            Inbound::Text(text) => return self.on_text(&text).await,
             Inbound::Binary(_) => self.error(&ClientError::UnsupportedBinary, None),
             Inbound::TooLarge { len } => self.error(
                 &ClientError::MessageTooLarge {
@@ -594,11 +668,111 @@ impl Session<'_> {
         self.hub.finish_recovery(&positioned, ack, &recovery);
     }
 
-    async fn on_text(&mut self, text: &[u8]) {
+    /// The connection's deadline passed: the time to authenticate, or the token's life.
+    fn on_deadline(&mut self) {
+        match self.state {
+            AuthState::Pending => {
+                let _ = self.refuse(AuthFailure::Timeout);
+            }
+            AuthState::User(_) => {
+                self.conn.outbox.close(
+                    close_code::TOKEN_EXPIRED,
+                    "token expired",
+                    CloseReason::TokenExpired,
+                    false,
+                );
+            }
+            AuthState::Off | AuthState::Anonymous => {}
+        }
+    }
+
+    /// Refuses a token (or its absence): counted, an `unauthorized` error, close 1008.
+    fn refuse(&mut self, why: AuthFailure) -> std::ops::ControlFlow<()> {
+        self.hub.metrics().auth_failed(why);
+        self.error(&ClientError::Unauthorized(why), None);
+        self.conn.outbox.close(
+            close_code::POLICY_VIOLATION,
+            why.message(),
+            CloseReason::Unauthorized,
+            false,
+        );
+        std::ops::ControlFlow::Break(())
+    }
+
+    /// Whether this connection may join `topic`.
+    fn may_join(&self, topic: &str) -> bool {
+        let anonymous =
+            || self.auth.mode == AuthMode::Optional && self.auth.anonymous_topics.matches(topic);
+        match &self.state {
+            AuthState::Off => true,
+            AuthState::Pending => false,
+            AuthState::Anonymous => anonymous(),
+            AuthState::User(identity) => identity.topics.matches(topic) || anonymous(),
+        }
+    }
+
+    /// `auth.authenticate`: a first token, or a fresh one before the current one expires.
+    fn authenticate(&mut self, token: &str) -> std::ops::ControlFlow<()> {
+        let Some(verifier) = self.auth.verifier.clone() else {
+            // Authentication off: the message means nothing, as before.
+            self.error(&ClientError::UnknownType, None);
+            return std::ops::ControlFlow::Continue(());
+        };
+        let identity = match verifier.verify(token) {
+            Ok(identity) => identity,
+            Err(why) => return self.refuse(why),
+        };
+        if let AuthState::User(current) = &self.state
+            && current.user != identity.user
+        {
+            // A refresh continues the same user's connection; another user connects anew.
+            return self.refuse(AuthFailure::Claims);
+        }
+        self.deadline = Some(expiry(&identity, &self.auth));
+        let ok = protocol::auth_ok_frame(identity.user.as_deref(), identity.expires_at);
+        self.state = AuthState::User(identity);
+        // Rooms the new token no longer allows are left, and the client told.
+        for topic in self.conn.joined() {
+            if !self.may_join(topic.as_str()) && self.hub.leave(self.conn, &topic) {
+                self.hub
+                    .send_control(self.conn, protocol::revoked_frame(&topic));
+            }
+        }
+        self.hub.send_control(self.conn, ok);
+        std::ops::ControlFlow::Continue(())
+    }
+
+    async fn on_text(&mut self, text: &[u8]) -> std::ops::ControlFlow<()> {
+        use std::ops::ControlFlow::Continue;
         let command = match protocol::parse_command(text) {
             Ok(c) => c,
-            Err(rejected) => return self.error(&rejected.error, rejected.id.as_ref()),
+            Err(rejected) => {
+                if let (ClientError::Unauthorized(why), false) =
+                    (&rejected.error, matches!(self.state, AuthState::Off))
+                {
+                    // An `auth.authenticate` without a usable token.
+                    return self.refuse(*why);
+                }
+                self.error(&rejected.error, rejected.id.as_ref());
+                return Continue(());
+            }
         };
+        if let AuthState::Pending = self.state {
+            match &command {
+                Command::Ping | Command::Heartbeat | Command::Authenticate { .. } => {}
+                Command::Join { id, .. } | Command::Leave { id, .. } => {
+                    self.error(&ClientError::AuthenticateFirst, id.as_ref());
+                    return Continue(());
+                }
+            }
+        }
+        if let Command::Join { topic, id, .. } = &command
+            && !self.may_join(topic.as_str())
+        {
+            self.hub.metrics().forbidden_joins.inc();
+            self.error(&ClientError::Forbidden, id.as_ref());
+            return Continue(());
+        }
         match command {
             Command::Ping => self
                 .hub
@@ -610,9 +784,12 @@ impl Session<'_> {
                 position: JoinPosition::Plain,
             } => {
                 if let Err(e) = self.hub.join(self.conn, &topic) {
-                    return self.error(&e, id.as_ref());
+                    self.error(&e, id.as_ref());
+                    return Continue(());
                 }
-                let Some(id) = id else { return };
+                let Some(id) = id else {
+                    return Continue(());
+                };
                 // The join barrier: acknowledge only once delivery is active cluster-wide.
                 let channel = Channel::Topic(topic.clone());
                 match self.hub.broker().confirmed(&channel).await {
@@ -634,7 +811,9 @@ impl Session<'_> {
                         .send_control(self.conn, protocol::ack_frame(false, &topic, &id));
                 }
             }
+            Command::Authenticate { token } => return self.authenticate(&token),
         }
+        Continue(())
     }
 }
 

@@ -65,6 +65,12 @@ pub enum ClientError {
     Broker(String),
     #[error("\"since\" must be {{}} or {{\"offset\":<integer>,\"epoch\":\"<epoch>\"}}")]
     InvalidSince,
+    #[error("{}", .0.message())]
+    Unauthorized(crate::auth::AuthFailure),
+    #[error("authenticate first: {{\"type\":\"auth.authenticate\",\"token\":\"…\"}}")]
+    AuthenticateFirst,
+    #[error("this connection may not join this room")]
+    Forbidden,
 }
 
 impl ClientError {
@@ -84,6 +90,8 @@ impl ClientError {
             ClientError::RateLimited(_) => "rate_limited",
             ClientError::Broker(_) => "broker_unavailable",
             ClientError::InvalidSince => "invalid_since",
+            ClientError::Unauthorized(_) | ClientError::AuthenticateFirst => "unauthorized",
+            ClientError::Forbidden => "forbidden",
         }
     }
 
@@ -102,6 +110,8 @@ impl ClientError {
         "rate_limited",
         "broker_unavailable",
         "invalid_since",
+        "unauthorized",
+        "forbidden",
     ];
 }
 
@@ -130,6 +140,9 @@ pub enum ApiError {
     Draining,
     #[error("connection limit reached")]
     ConnectionLimit,
+    /// A WebSocket upgrade whose token was refused.
+    #[error("{}", .0.message())]
+    TokenRefused(crate::auth::AuthFailure),
 }
 
 /// The code of an [`ApiError`] response, left in its extensions so that a layer can count it
@@ -171,6 +184,7 @@ impl ApiError {
             ApiError::BrokerTimeout => (StatusCode::GATEWAY_TIMEOUT, "broker_timeout"),
             ApiError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
             ApiError::ConnectionLimit => (StatusCode::SERVICE_UNAVAILABLE, "connection_limit"),
+            ApiError::TokenRefused(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
         }
     }
 }

@@ -68,6 +68,8 @@ pub mod close_code {
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// Server overloaded; try again later.
     pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// The connection's token expired (an application code, DESIGN §10).
+    pub const TOKEN_EXPIRED: u16 = 4001;
 }
 
 /// Encodes one unmasked, final frame carrying `payload`.

@@ -70,27 +70,35 @@ impl Patterns {
     /// # Errors
     /// A message naming the first bad pattern.
     pub fn parse(list: &str) -> Result<Self, String> {
+        Self::from_items(list.split(',').map(str::trim).filter(|s| !s.is_empty()))
+    }
+
+    /// Builds the patterns from separate items (a token's `topics` claim): each item is one
+    /// pattern, never split.
+    ///
+    /// # Errors
+    /// A message naming the first bad pattern.
+    pub fn from_items<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
         let mut out = Self::default();
-        let mut count = 0;
-        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            count += 1;
-            if count > MAX_PATTERNS {
+        for (count, item) in items.into_iter().enumerate() {
+            if count >= MAX_PATTERNS {
                 return Err(format!("at most {MAX_PATTERNS} patterns"));
             }
             let (stem, prefix) = match item.strip_suffix('*') {
                 Some(stem) => (stem, true),
                 None => (item, false),
             };
-            if stem.len() > MAX_TOPIC_LEN
+            if (stem.is_empty() && !prefix)
+                || stem.len() > MAX_TOPIC_LEN
                 || !stem
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'.' | b'-'))
             {
+                let shown: String = item.chars().take(64).collect();
                 return Err(format!(
-                    "{item:?}: a pattern is a topic name, optionally ending in *"
+                    "{shown:?}: a pattern is a topic name, optionally ending in *"
                 ));
             }
-            // `item` is not empty, so a bare `*` is the only empty stem.
             if !prefix {
                 out.exact.insert(stem.to_owned());
             } else if stem.is_empty() {

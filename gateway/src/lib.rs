@@ -50,6 +50,7 @@
 //! ```
 
 pub mod api;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod conn;
@@ -104,6 +105,7 @@ pub struct Gateway {
     hub: Hub,
     config: Arc<Config>,
     key_prefix: KeyPrefix,
+    auth: Arc<auth::AuthSettings>,
     background: Arc<tokio::task::JoinHandle<()>>,
     handler: Option<Arc<dyn MessageHandler>>,
 }
@@ -118,6 +120,7 @@ impl Gateway {
         let key_prefix = config.key_prefix()?;
         let metrics = Metrics::new();
         let history = config.history()?;
+        let auth = Arc::new(config.auth()?);
         let broker: Arc<dyn Broker> = match &config.redis_url {
             None => Arc::new(MemoryBroker::new(metrics.broker.clone()).with_history(history)),
             Some(url) => {
@@ -169,6 +172,7 @@ impl Gateway {
             hub,
             config: Arc::new(config),
             key_prefix,
+            auth,
             background: Arc::new(background),
             handler: None,
         })
@@ -212,6 +216,7 @@ impl Gateway {
             max_batch_messages: self.config.max_batch_messages,
             max_batch_bytes: self.config.max_batch_bytes,
             ws_path: self.config.ws_path.clone(),
+            auth: self.auth.clone(),
         };
         api::router(
             self.hub.clone(),

@@ -32,11 +32,15 @@ pub enum CloseReason {
     RateLimited,
     /// A socket error.
     IoError,
+    /// No valid token in time, or a refused one (`--auth`).
+    Unauthorized,
+    /// The connection's token expired without a refresh.
+    TokenExpired,
 }
 
 impl CloseReason {
     /// All reasons (label values).
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::Client,
         CloseReason::SlowConsumer,
         CloseReason::IdleTimeout,
@@ -45,6 +49,8 @@ impl CloseReason {
         CloseReason::ProtocolError,
         CloseReason::RateLimited,
         CloseReason::IoError,
+        CloseReason::Unauthorized,
+        CloseReason::TokenExpired,
     ];
 
     /// The label value.
@@ -58,6 +64,8 @@ impl CloseReason {
             CloseReason::ProtocolError => "protocol_error",
             CloseReason::RateLimited => "rate_limited",
             CloseReason::IoError => "io_error",
+            CloseReason::Unauthorized => "unauthorized",
+            CloseReason::TokenExpired => "token_expired",
         }
     }
 }
@@ -153,6 +161,8 @@ pub struct Metrics {
     closed: IntCounterVec,
     client_errors: IntCounterVec,
     http_errors: IntCounterVec,
+    auth_failures: IntCounterVec,
+    pub forbidden_joins: IntCounter,
     pub broker: BrokerMetrics,
 }
 
@@ -168,6 +178,8 @@ pub const DOCUMENTED: &[&str] = &[
     "wsgate_connections_closed_total",
     "wsgate_client_errors_total",
     "wsgate_http_errors_total",
+    "wsgate_auth_failures_total",
+    "wsgate_forbidden_joins_total",
     "wsgate_broker_up",
     "wsgate_broker_reconnects_total",
     "wsgate_broker_channels",
@@ -293,6 +305,21 @@ impl Metrics {
                 "code",
                 ApiError::CODES,
             ),
+            auth_failures: counter_vec(
+                &r,
+                "wsgate_auth_failures_total",
+                "Tokens refused (or missing where required), by reason.",
+                "reason",
+                &crate::auth::AuthFailure::ALL
+                    .iter()
+                    .map(|f| f.label())
+                    .collect::<Vec<_>>(),
+            ),
+            forbidden_joins: counter(
+                &r,
+                "wsgate_forbidden_joins_total",
+                "Joins refused because the connection's token does not allow the topic.",
+            ),
             broker: BrokerMetrics {
                 up: gauge(
                     &r,
@@ -373,6 +400,11 @@ impl Metrics {
     /// Counts an error envelope.
     pub fn client_error(&self, error: &ClientError) {
         self.client_errors.with_label_values(&[error.code()]).inc();
+    }
+
+    /// Counts a refused token.
+    pub fn auth_failed(&self, why: crate::auth::AuthFailure) {
+        self.auth_failures.with_label_values(&[why.label()]).inc();
     }
 
     /// Counts an HTTP error response.

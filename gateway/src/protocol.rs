@@ -47,6 +47,8 @@ pub enum Command {
     Leave { topic: Topic, id: Option<AckId> },
     /// `{"type":"heartbeat"}`.
     Heartbeat,
+    /// `{"type":"auth.authenticate","token":"…"}` (the seed client's own message).
+    Authenticate { token: String },
 }
 
 /// How a join positions the connection in the topic's history.
@@ -94,6 +96,8 @@ struct RawCommand<'a> {
     id: Option<&'a RawValue>,
     #[serde(borrow)]
     since: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<&'a RawValue>,
 }
 
 /// A command that could not be accepted, with the ack id when one could be read.
@@ -137,6 +141,17 @@ pub fn parse_command(text: &[u8]) -> Result<Command, Rejected> {
     };
     match kind {
         "heartbeat" => Ok(Command::Heartbeat),
+        "auth.authenticate" => match raw.token.map(|t| serde_json::from_str::<String>(t.get())) {
+            Some(Ok(token)) => Ok(Command::Authenticate { token }),
+            Some(Err(_)) => Err(reject(
+                ClientError::Unauthorized(crate::auth::AuthFailure::Malformed),
+                id,
+            )),
+            None => Err(reject(
+                ClientError::Unauthorized(crate::auth::AuthFailure::Missing),
+                id,
+            )),
+        },
         "room.join" | "room.leave" => {
             let Some(room) = raw.room else {
                 return Err(reject(ClientError::MissingRoom, id));
@@ -197,6 +212,27 @@ pub fn envelope(name: &str, data_json: &str) -> String {
 /// The `session` envelope sent when a connection opens.
 pub fn session_frame(id: SocketId) -> Bytes {
     envelope_frame("session", &format!("{{\"socketId\":\"{id}\"}}"))
+}
+
+/// `auth.ok`: who the connection now is, and until when (ms since the Unix epoch).
+pub fn auth_ok_frame(user: Option<&str>, expires_at_secs: u64) -> Bytes {
+    let user = user.map_or_else(|| "null".to_owned(), json_string);
+    envelope_frame(
+        "auth.ok",
+        &format!(
+            "{{\"userId\":{user},\"expiresAt\":{}}}",
+            expires_at_secs.saturating_mul(1000)
+        ),
+    )
+}
+
+/// `room.left` for a room the connection was taken out of because its new token does not
+/// allow it.
+pub fn revoked_frame(topic: &Topic) -> Bytes {
+    envelope_frame(
+        "room.left",
+        &format!("{{\"room\":\"{topic}\",\"reason\":\"forbidden\"}}"),
+    )
 }
 
 /// The `room.joined` / `room.left` acknowledgement.

@@ -190,7 +190,13 @@ async fn every_bad_api_request_gets_a_json_error_with_the_right_status() {
     }
     let (status, _) = http.get_json("/api/topics/a%20b").await;
     assert_eq!(status, 400);
-    for path in ["/api/nope", "/api", "/api/", "/api/publish/more", "/api/topics/a/b"] {
+    for path in [
+        "/api/nope",
+        "/api",
+        "/api/",
+        "/api/publish/more",
+        "/api/topics/a/b",
+    ] {
         let (status, body) = http.get_json(path).await;
         assert_eq!(
             (status, body["error"]["code"].as_str()),
