@@ -199,11 +199,14 @@ enum Keys {
     Jwks(Mutex<JwksFile>),
 }
 
+/// What identifies a file's content (modification time, length).
+type Stamp = Option<(SystemTime, u64)>;
+
 struct JwksFile {
     path: PathBuf,
     checked: Instant,
     /// What identified the file's content when it was last read (modification time, length).
-    stamp: Option<(SystemTime, u64)>,
+    stamp: Stamp,
     keys: Arc<[Key]>,
 }
 
@@ -450,13 +453,13 @@ fn read(path: &Path, max: u64) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+fn stamp(path: &Path) -> Stamp {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len()))
 }
 
 /// Reads a JWKS file: every key it can use (RSA, EC, OKP, oct), by `kid`.
-fn read_jwks(path: &Path) -> Result<(Arc<[Key]>, Option<(SystemTime, u64)>), String> {
+fn read_jwks(path: &Path) -> Result<(Arc<[Key]>, Stamp), String> {
     let stamp = stamp(path);
     let bytes = read(path, MAX_JWKS_BYTES)?;
     let set: JwkSet = serde_json::from_slice(&bytes)
