@@ -366,6 +366,45 @@ pub enum Received {
 }
 
 impl Client {
+    /// Connects to `path_and_query` (e.g. `/ws?token=…`), with `Authorization: Bearer` when
+    /// `bearer` is given, and reads the session envelope; `Err` is the HTTP status of a
+    /// refused upgrade and its body.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        path_and_query: &str,
+        bearer: Option<&str>,
+    ) -> Result<Self, (u16, String)> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{addr}{path_and_query}")
+            .into_client_request()
+            .unwrap();
+        if let Some(token) = bearer {
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        let ws = match tokio_tungstenite::connect_async(request).await {
+            Ok((ws, _)) => ws,
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                return Err((resp.status().as_u16(), body));
+            }
+            Err(e) => panic!("connect failed: {e}"),
+        };
+        let mut c = Self {
+            ws,
+            socket_id: String::new(),
+        };
+        let session = c.next_json().await;
+        assert_eq!(session["name"], "session", "{session}");
+        c.socket_id = session["data"]["socketId"].as_str().unwrap().to_owned();
+        Ok(c)
+    }
+
     pub async fn connect(addr: SocketAddr) -> Self {
         let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
             .await
