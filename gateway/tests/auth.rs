@@ -69,6 +69,9 @@ fn openssl(args: &[&str]) {
     );
 }
 
+/// An algorithm and the key that signs with it.
+type Signer = (Algorithm, EncodingKey);
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -140,7 +143,7 @@ async fn every_key_type_and_every_transport_authenticates() {
     let (ed, ed_pub) = keys.pair("ed", &["-algorithm", "ed25519"]);
     let secret = keys.path("secret");
     let hmac = EncodingKey::from_secret(SECRET.as_bytes()).unwrap();
-    let cases: Vec<(&str, &str, Vec<(Algorithm, EncodingKey)>)> = vec![
+    let cases: Vec<(&str, &str, Vec<Signer>)> = vec![
         (
             "--jwt-secret-file",
             &secret,
