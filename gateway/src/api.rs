@@ -14,7 +14,6 @@ use hyper::upgrade::OnUpgrade;
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
-use subtle::ConstantTimeEq;
 
 use crate::broker::{BrokerError, Message};
 use crate::conn::{self, ConnSettings, MessageHandler};
@@ -27,8 +26,10 @@ use crate::types::{Channel, SocketId, Topic};
 /// Settings the HTTP layer needs.
 #[derive(Debug, Clone)]
 pub struct ApiSettings {
-    /// Bearer key for /api/*, if any.
-    pub api_key: Option<String>,
+    /// Bearer keys for /api/* (none: loopback callers only, unless allowed).
+    pub api_keys: Arc<crate::auth::ApiKeys>,
+    /// Browser origins allowed to open WebSocket connections (empty: any).
+    pub allowed_origins: Arc<crate::auth::Origins>,
     /// Answer /api/* from non-loopback callers without a key.
     pub allow_unauthenticated: bool,
     /// Largest published message.
@@ -144,6 +145,14 @@ async fn websocket(State(st): State<AppState>, mut req: Request) -> Response {
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
+    if let Some(origin) = req.headers().get(header::ORIGIN)
+        && !origin
+            .to_str()
+            .is_ok_and(|o| st.api.allowed_origins.allows(o))
+    {
+        return ApiError::Forbidden("this origin may not open WebSocket connections")
+            .into_response();
+    }
     let Some(slot) = st.hub.try_reserve() else {
         return ApiError::ConnectionLimit.into_response();
     };
@@ -220,10 +229,11 @@ fn upgrade_identity(
 
 /// Bearer-key check (constant time), or loopback-only when no key is configured.
 async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let result = match &st.api.api_key {
-        Some(key) => check_bearer(req.headers(), key),
-        None if st.api.allow_unauthenticated => Ok(()),
-        None => {
+    let keys = &st.api.api_keys;
+    let result = match keys.is_empty() {
+        false => check_bearer(req.headers(), keys),
+        true if st.api.allow_unauthenticated => Ok(()),
+        true => {
             let peer = req
                 .extensions()
                 .get::<ConnectInfo<SocketAddr>>()
@@ -243,7 +253,7 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
     }
 }
 
-fn check_bearer(headers: &HeaderMap, key: &str) -> Result<(), ApiError> {
+fn check_bearer(headers: &HeaderMap, keys: &crate::auth::ApiKeys) -> Result<(), ApiError> {
     let value = headers
         .get(header::AUTHORIZATION)
         .ok_or(ApiError::Unauthorized)?;
@@ -251,8 +261,7 @@ fn check_bearer(headers: &HeaderMap, key: &str) -> Result<(), ApiError> {
         .as_bytes()
         .strip_prefix(b"Bearer ")
         .ok_or(ApiError::Unauthorized)?;
-    let matches: bool = token.len() == key.len() && bool::from(token.ct_eq(key.as_bytes()));
-    if matches {
+    if keys.accepts(token) {
         Ok(())
     } else {
         Err(ApiError::Forbidden("invalid API key"))
@@ -680,7 +689,12 @@ mod tests {
 
     #[test]
     fn bearer_keys_are_checked_exactly() {
-        let key = "0123456789abcdef";
+        let keys = crate::auth::ApiKeys::new(
+            vec!["0123456789abcdef".into(), "second-key-0123456".into()],
+            None,
+        )
+        .unwrap();
+        let key = &keys;
         let mut h = HeaderMap::new();
         assert_eq!(check_bearer(&h, key), Err(ApiError::Unauthorized));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
@@ -698,6 +712,12 @@ mod tests {
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer 0123456789abcdef"),
+        );
+        assert_eq!(check_bearer(&h, key), Ok(()));
+        // Two keys are valid at once (rotation).
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer second-key-0123456"),
         );
         assert_eq!(check_bearer(&h, key), Ok(()));
     }

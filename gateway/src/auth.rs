@@ -430,6 +430,211 @@ impl Verifier {
     }
 }
 
+/// The API keys `/api/*` accepts: those given with `--api-key` (repeatable, or a comma list in
+/// `WSGATE_API_KEY`) and those in `--api-keys-file` (one per line), which is re-read when it
+/// changes — so a new key can be added, clients moved to it, and the old one removed, with no
+/// restart and no moment without a valid key.
+pub struct ApiKeys {
+    fixed: Vec<String>,
+    file: Option<Mutex<KeysFile>>,
+}
+
+struct KeysFile {
+    path: PathBuf,
+    checked: Instant,
+    stamp: Stamp,
+    keys: Arc<[String]>,
+}
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys themselves.
+        f.debug_struct("ApiKeys")
+            .field("fixed", &self.fixed.len())
+            .field("file", &self.file.is_some())
+            .finish()
+    }
+}
+
+/// Most keys accepted at once.
+pub const MAX_API_KEYS: usize = 16;
+
+impl ApiKeys {
+    /// Keys from the flags and, if given, the file.
+    ///
+    /// # Errors
+    /// A message naming a bad key or an unreadable file.
+    pub fn new(fixed: Vec<String>, file: Option<PathBuf>) -> Result<Self, String> {
+        for key in &fixed {
+            check_api_key(key)?;
+        }
+        let file = match file {
+            None => None,
+            Some(path) => {
+                let keys = read_api_keys(&path)?;
+                Some(Mutex::new(KeysFile {
+                    stamp: stamp(&path),
+                    path,
+                    checked: Instant::now(),
+                    keys,
+                }))
+            }
+        };
+        let keys = Self { fixed, file };
+        if keys.count() > MAX_API_KEYS {
+            return Err(format!("at most {MAX_API_KEYS} API keys"));
+        }
+        Ok(keys)
+    }
+
+    /// No keys: `/api/*` answers loopback callers only (or everyone, when allowed).
+    pub fn is_empty(&self) -> bool {
+        self.fixed.is_empty() && self.file.is_none()
+    }
+
+    fn count(&self) -> usize {
+        self.fixed.len() + self.file_keys().map_or(0, |k| k.len())
+    }
+
+    fn file_keys(&self) -> Option<Arc<[String]>> {
+        let file = self.file.as_ref()?;
+        let mut file = file.lock().unwrap_or_else(PoisonError::into_inner);
+        if file.checked.elapsed() >= JWKS_CHECK {
+            file.checked = Instant::now();
+            let now = stamp(&file.path);
+            if now != file.stamp {
+                match read_api_keys(&file.path) {
+                    Ok(keys) => {
+                        tracing::info!(path = %file.path.display(), keys = keys.len(), "API keys reloaded");
+                        file.keys = keys;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "API keys not reloaded"),
+                }
+                file.stamp = now;
+            }
+        }
+        Some(file.keys.clone())
+    }
+
+    /// Whether `token` is one of the keys, compared in constant time with each.
+    pub fn accepts(&self, token: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        let matches =
+            |key: &String| key.len() == token.len() && bool::from(key.as_bytes().ct_eq(token));
+        // Every key is compared, whichever matches: the time does not tell which.
+        let fixed = self.fixed.iter().fold(false, |any, k| any | matches(k));
+        let file = self
+            .file_keys()
+            .is_some_and(|keys| keys.iter().fold(false, |any, k| any | matches(k)));
+        fixed | file
+    }
+}
+
+fn check_api_key(key: &str) -> Result<(), String> {
+    if key.len() < 16
+        || key.len() > 1024
+        || key
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == ',')
+    {
+        return Err(
+            "an API key is 16 to 1024 characters, without spaces, commas or control characters"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// One key per line; blank lines and lines starting with `#` are skipped.
+fn read_api_keys(path: &Path) -> Result<Arc<[String]>, String> {
+    let text = String::from_utf8(read(path, 64 * 1024)?)
+        .map_err(|_| format!("{}: not UTF-8", path.display()))?;
+    let keys: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    for key in &keys {
+        check_api_key(key).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if keys.is_empty() {
+        return Err(format!("{}: no key", path.display()));
+    }
+    if keys.len() > MAX_API_KEYS {
+        return Err(format!("{}: at most {MAX_API_KEYS} keys", path.display()));
+    }
+    Ok(Arc::from(keys))
+}
+
+/// Browser origins allowed to open WebSocket connections (`--allowed-origins`): exact
+/// `scheme://host[:port]`, or `scheme://*.domain` for its subdomains.
+#[derive(Debug, Clone, Default)]
+pub struct Origins {
+    exact: Vec<String>,
+    /// (scheme, `.domain` suffix).
+    subdomains: Vec<(String, String)>,
+}
+
+impl Origins {
+    /// Parses a comma-separated list.
+    ///
+    /// # Errors
+    /// A message naming the first bad origin.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let mut out = Self::default();
+        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let lower = item.to_ascii_lowercase();
+            let Some((scheme, host)) = lower.split_once("://") else {
+                return Err(format!("{item:?}: an origin is scheme://host[:port]"));
+            };
+            let host_ok = |h: &str| {
+                !h.is_empty()
+                    && h.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+                    })
+            };
+            if !matches!(scheme, "http" | "https") {
+                return Err(format!("{item:?}: the scheme is http or https"));
+            }
+            match host.strip_prefix("*.") {
+                Some(domain) if host_ok(domain) => out
+                    .subdomains
+                    .push((scheme.to_owned(), format!(".{domain}"))),
+                None if host_ok(host) => out.exact.push(lower),
+                _ => {
+                    return Err(format!(
+                        "{item:?}: an origin is scheme://host[:port], without a path"
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// No list: every origin is allowed.
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.subdomains.is_empty()
+    }
+
+    /// Whether a browser from `origin` (the `Origin` header) may connect.
+    pub fn allows(&self, origin: &str) -> bool {
+        if self.is_empty() {
+            return true;
+        }
+        let origin = origin.to_ascii_lowercase();
+        if self.exact.contains(&origin) {
+            return true;
+        }
+        let Some((scheme, host)) = origin.split_once("://") else {
+            return false;
+        };
+        self.subdomains.iter().any(|(s, suffix)| {
+            s == scheme && host.ends_with(suffix.as_str()) && host.len() > suffix.len()
+        })
+    }
+}
+
 /// The token's header, read before anything is verified only to pick the key and the
 /// algorithm: nothing in it is trusted.
 fn peek_header(token: &str) -> Result<PeekHeader, AuthFailure> {
@@ -516,6 +721,72 @@ mod tests {
             &EncodingKey::from_secret(SECRET).unwrap(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn origins_match_exactly_or_by_subdomain() {
+        let o =
+            Origins::parse("https://app.example.com, http://localhost:3000, https://*.example.org")
+                .unwrap();
+        assert!(o.allows("https://app.example.com"));
+        assert!(o.allows("HTTPS://APP.EXAMPLE.COM"));
+        assert!(o.allows("http://localhost:3000"));
+        assert!(o.allows("https://a.b.example.org"));
+        for refused in [
+            "https://evil.com",
+            "http://app.example.com",
+            "https://app.example.com.evil.com",
+            "https://example.org",
+            "https://evilexample.org",
+            "http://a.example.org",
+            "http://localhost:3001",
+            "null",
+            "",
+        ] {
+            assert!(!o.allows(refused), "{refused}");
+        }
+        assert!(Origins::parse("").unwrap().allows("https://anything"));
+        for bad in [
+            "example.com",
+            "ftp://x",
+            "https://x/path",
+            "https://",
+            "https://*.",
+        ] {
+            assert!(Origins::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn api_keys_from_flags_and_a_file_that_is_reread_when_it_changes() {
+        let dir = tmp();
+        let path = dir.join("keys");
+        std::fs::write(&path, "# current\nkey-from-the-file-0001\n\n").unwrap();
+        let keys = ApiKeys::new(vec!["key-from-the-flag-001".into()], Some(path.clone())).unwrap();
+        assert!(keys.accepts(b"key-from-the-flag-001"));
+        assert!(keys.accepts(b"key-from-the-file-0001"));
+        assert!(!keys.accepts(b"key-from-the-file-0002"));
+        assert!(!keys.accepts(b"key-from-the-file-000"));
+        // Rotation: both, then only the new one.
+        std::fs::write(&path, "key-from-the-file-0001\nkey-from-the-file-0002\n").unwrap();
+        keys.file.as_ref().unwrap().lock().unwrap().checked = Instant::now() - JWKS_CHECK;
+        assert!(keys.accepts(b"key-from-the-file-0002"));
+        assert!(keys.accepts(b"key-from-the-file-0001"));
+        std::fs::write(&path, "key-from-the-file-0002\n").unwrap();
+        {
+            let mut f = keys.file.as_ref().unwrap().lock().unwrap();
+            f.checked = Instant::now() - JWKS_CHECK;
+            f.stamp = None;
+        }
+        assert!(!keys.accepts(b"key-from-the-file-0001"));
+        assert!(keys.accepts(b"key-from-the-file-0002"));
+        // An emptied file keeps the keys in force.
+        std::fs::write(&path, "").unwrap();
+        keys.file.as_ref().unwrap().lock().unwrap().checked = Instant::now() - JWKS_CHECK;
+        assert!(keys.accepts(b"key-from-the-file-0002"));
+        assert!(ApiKeys::new(vec!["short".into()], None).is_err());
+        assert!(ApiKeys::new(vec![], Some(dir.join("missing"))).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -133,14 +133,32 @@ pub struct Config {
     #[arg(long, env = "WSGATE_CONNECT_TIMEOUT_MS", default_value_t = DEFAULT_CONNECT_TIMEOUT_MS, value_name = "MS")]
     pub connect_timeout_ms: u64,
 
-    /// API key required as "Authorization: Bearer <key>" on /api/*.
+    /// API key required as "Authorization: Bearer <key>" on /api/*; repeat it (or give a comma
+    /// list in the environment) to accept several at once while rotating.
     #[arg(
         long,
         env = "WSGATE_API_KEY",
         value_name = "KEY",
-        hide_env_values = true
+        hide_env_values = true,
+        value_delimiter = ','
     )]
-    pub api_key: Option<String>,
+    pub api_key: Vec<String>,
+
+    /// File of API keys, one per line (`#` comments allowed), re-read when it changes: rotate
+    /// keys without a restart.
+    #[arg(long, env = "WSGATE_API_KEYS_FILE", value_name = "PATH")]
+    pub api_keys_file: Option<std::path::PathBuf>,
+
+    /// Browser origins allowed to open WebSocket connections, comma-separated:
+    /// `https://app.example.com`, `https://*.example.com` (default: any). Upgrades with another
+    /// `Origin` get 403; clients that send none (not browsers) are not affected.
+    #[arg(
+        long,
+        env = "WSGATE_ALLOWED_ORIGINS",
+        default_value = "",
+        value_name = "ORIGINS"
+    )]
+    pub allowed_origins: String,
 
     /// Without an API key, answer /api/* from any address (not just loopback).
     #[arg(long, env = "WSGATE_API_ALLOW_UNAUTHENTICATED")]
@@ -370,14 +388,11 @@ impl Config {
                 "only applies to a rediss:// --redis-url",
             ));
         }
-        if let Some(key) = &self.api_key
-            && (key.len() < 16 || key.chars().any(|c| c.is_whitespace() || c.is_control()))
-        {
-            return Err(invalid(
-                "--api-key (WSGATE_API_KEY)",
-                "must be at least 16 characters without spaces or control characters",
-            ));
-        }
+        crate::auth::Origins::parse(&self.allowed_origins)
+            .map_err(|e| invalid("--allowed-origins (WSGATE_ALLOWED_ORIGINS)", e))?;
+        // The file is read when the gateway starts (`api_keys`); the flags are checked here.
+        crate::auth::ApiKeys::new(self.api_key.clone(), None)
+            .map_err(|e| invalid("--api-key (WSGATE_API_KEY)", e))?;
         if !(1..=600_000).contains(&self.close_timeout_ms) {
             return Err(invalid(
                 "--close-timeout-ms (WSGATE_CLOSE_TIMEOUT_MS)",
@@ -492,6 +507,28 @@ impl Config {
                 ttl: Duration::from_secs(self.history_ttl_secs),
             }),
         )
+    }
+
+    /// The API keys, reading `--api-keys-file`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a bad key or an unreadable file.
+    pub fn api_keys(&self) -> Result<crate::auth::ApiKeys, Error> {
+        crate::auth::ApiKeys::new(self.api_key.clone(), self.api_keys_file.clone()).map_err(|e| {
+            invalid(
+                "--api-key / --api-keys-file (WSGATE_API_KEY / WSGATE_API_KEYS_FILE)",
+                e,
+            )
+        })
+    }
+
+    /// The allowed browser origins (empty: any).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a bad origin.
+    pub fn allowed_origins(&self) -> Result<crate::auth::Origins, Error> {
+        crate::auth::Origins::parse(&self.allowed_origins)
+            .map_err(|e| invalid("--allowed-origins (WSGATE_ALLOWED_ORIGINS)", e))
     }
 
     /// The authentication settings, with the verifier built from the key file.
@@ -672,6 +709,7 @@ mod tests {
             (&["--history-size", "100001"], "--history-size"),
             (&["--history-ttl-secs", "0"], "--history-ttl-secs"),
             (&["--history-ttl-secs", "604801"], "--history-ttl-secs"),
+            (&["--allowed-origins", "example.com"], "--allowed-origins"),
             (&["--no-such-flag"], "--no-such-flag"),
         ];
         for (args, setting) in cases {

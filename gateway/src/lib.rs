@@ -106,6 +106,8 @@ pub struct Gateway {
     config: Arc<Config>,
     key_prefix: KeyPrefix,
     auth: Arc<auth::AuthSettings>,
+    api_keys: Arc<auth::ApiKeys>,
+    allowed_origins: Arc<auth::Origins>,
     background: Arc<tokio::task::JoinHandle<()>>,
     handler: Option<Arc<dyn MessageHandler>>,
 }
@@ -121,6 +123,8 @@ impl Gateway {
         let metrics = Metrics::new();
         let history = config.history()?;
         let auth = Arc::new(config.auth()?);
+        let api_keys = Arc::new(config.api_keys()?);
+        let allowed_origins = Arc::new(config.allowed_origins()?);
         let broker: Arc<dyn Broker> = match &config.redis_url {
             None => Arc::new(MemoryBroker::new(metrics.broker.clone()).with_history(history)),
             Some(url) => {
@@ -173,6 +177,8 @@ impl Gateway {
             config: Arc::new(config),
             key_prefix,
             auth,
+            api_keys,
+            allowed_origins,
             background: Arc::new(background),
             handler: None,
         })
@@ -210,7 +216,8 @@ impl Gateway {
     /// Only the WebSocket route and `/api/*`.
     pub fn client_router(&self) -> axum::Router {
         let api = api::ApiSettings {
-            api_key: self.config.api_key.clone(),
+            api_keys: self.api_keys.clone(),
+            allowed_origins: self.allowed_origins.clone(),
             allow_unauthenticated: self.config.api_allow_unauthenticated,
             max_message_bytes: self.config.max_message_bytes,
             max_batch_messages: self.config.max_batch_messages,

@@ -645,3 +645,76 @@ async fn bad_auth_settings_are_refused_at_start() {
         assert!(wsgate::Gateway::start(config).await.is_err(), "{args:?}");
     }
 }
+
+#[tokio::test]
+async fn browsers_from_other_origins_are_refused_when_origins_are_listed() {
+    let gw = TestGateway::start(&[
+        "--allowed-origins",
+        "https://app.example.com,https://*.example.org",
+    ])
+    .await;
+    for allowed in ["https://app.example.com", "https://eu.example.org"] {
+        let c = Client::connect_with_headers(gw.addr, "/ws", &[("origin", allowed)]).await;
+        assert!(c.is_ok(), "{allowed}: {:?}", c.err());
+    }
+    for refused in [
+        "https://evil.example",
+        "http://app.example.com",
+        "https://example.org",
+        "null",
+    ] {
+        let (status, body) = Client::connect_with_headers(gw.addr, "/ws", &[("origin", refused)])
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{refused}: accepted"));
+        assert_eq!(status, 403, "{refused}: {body}");
+    }
+    // Clients that are not browsers send no Origin.
+    assert!(Client::connect_with(gw.addr, "/ws", None).await.is_ok());
+}
+
+#[tokio::test]
+async fn api_keys_rotate_without_a_restart() {
+    let keys = Keys::new();
+    let file = keys.dir.join("api-keys");
+    let write = |lines: &str| {
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, lines).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write("# the current key\nold-key-0123456789\n");
+    let gw = TestGateway::start(&[
+        "--api-key",
+        "flag-key-0123456789",
+        "--api-key",
+        "flag-key-9876543210",
+        "--api-keys-file",
+        file.to_str().unwrap(),
+    ])
+    .await;
+    let status = |key: &'static str| {
+        let http = gw.http();
+        async move {
+            http.post("/api/publish")
+                .bearer_auth(key)
+                .json(&json!({"topic": "t", "message": "m"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    // Both flag keys and the file's are valid at once.
+    assert_eq!(status("flag-key-0123456789").await, 200);
+    assert_eq!(status("flag-key-9876543210").await, 200);
+    assert_eq!(status("old-key-0123456789").await, 200);
+    assert_eq!(status("new-key-0123456789").await, 403);
+    // Add the new key, move to it, remove the old one: no moment without a valid key.
+    write("old-key-0123456789\nnew-key-0123456789\n");
+    wait_until(|| async { status("new-key-0123456789").await == 200 }).await;
+    assert_eq!(status("old-key-0123456789").await, 200);
+    write("new-key-0123456789\n");
+    wait_until(|| async { status("old-key-0123456789").await == 403 }).await;
+    assert_eq!(status("new-key-0123456789").await, 200);
+}

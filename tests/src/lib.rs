@@ -374,14 +374,31 @@ impl Client {
         path_and_query: &str,
         bearer: Option<&str>,
     ) -> Result<Self, (u16, String)> {
+        let auth = bearer.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| ("authorization", a))
+            .into_iter()
+            .collect();
+        Self::connect_with_headers(addr, path_and_query, &headers).await
+    }
+
+    /// As [`Client::connect_with`], with any request headers.
+    pub async fn connect_with_headers(
+        addr: SocketAddr,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Self, (u16, String)> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
         let mut request = format!("ws://{addr}{path_and_query}")
             .into_client_request()
             .unwrap();
-        if let Some(token) = bearer {
-            request
-                .headers_mut()
-                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
         }
         let ws = match tokio_tungstenite::connect_async(request).await {
             Ok((ws, _)) => ws,
