@@ -41,7 +41,7 @@ pub fn run(data: &[u8]) {
     match (kind, &channel) {
         (Delivery::Publish, Channel::Topic(_))
         | (Delivery::Broadcast, Channel::Broadcast)
-        | (Delivery::Send, Channel::Socket(_)) => {}
+        | (Delivery::Send, Channel::Socket(_) | Channel::User(_)) => {}
         other => panic!("{other:?}"),
     }
     let Message::Text(text) = message else {

@@ -21,7 +21,7 @@ use crate::deflate;
 use crate::error::{ApiError, ErrorCode};
 use crate::hub::Hub;
 use crate::protocol;
-use crate::types::{Channel, SocketId, Topic};
+use crate::types::{Channel, SocketId, Topic, UserId};
 
 /// Settings the HTTP layer needs.
 #[derive(Debug, Clone)]
@@ -274,6 +274,7 @@ struct Body {
     topic: Option<String>,
     #[serde(rename = "socketId")]
     socket_id: Option<String>,
+    user: Option<String>,
     message: Option<String>,
     name: Option<String>,
     data: Option<Box<RawValue>>,
@@ -284,6 +285,7 @@ struct Target {
     topic: Option<String>,
     #[serde(rename = "socketId")]
     socket_id: Option<String>,
+    user: Option<String>,
 }
 
 /// Which delivery call a body was sent to: it decides which target field is required.
@@ -313,24 +315,43 @@ fn socket_field(value: Option<String>) -> Result<SocketId, ApiError> {
     })
 }
 
+fn user_field(value: String) -> Result<UserId, ApiError> {
+    UserId::new(&value).map_err(|e| ApiError::InvalidField {
+        field: "user",
+        reason: e.to_string(),
+    })
+}
+
+/// One connection (`socketId`) or every connection of a user (`user`): exactly one of them.
+fn recipient(socket: Option<String>, user: Option<String>) -> Result<Channel, ApiError> {
+    match (socket, user) {
+        (Some(_), Some(_)) => Err(ApiError::BadRequest(
+            "give either \"socketId\" or \"user\", not both".into(),
+        )),
+        (None, Some(user)) => user_field(user).map(Channel::User),
+        (socket, None) => socket_field(socket).map(Channel::Socket),
+    }
+}
+
 fn channel_for(
     kind: Delivery,
     topic: Option<String>,
     socket: Option<String>,
+    user: Option<String>,
 ) -> Result<Channel, ApiError> {
     match kind {
         Delivery::Publish => {
-            if socket.is_some() {
+            if socket.is_some() || user.is_some() {
                 return Err(ApiError::BadRequest(
-                    "\"socketId\" is not allowed here; use /api/send".into(),
+                    "\"socketId\" and \"user\" are not allowed here; use /api/send".into(),
                 ));
             }
             topic_field(topic).map(Channel::Topic)
         }
         Delivery::Broadcast => {
-            if topic.is_some() || socket.is_some() {
+            if topic.is_some() || socket.is_some() || user.is_some() {
                 return Err(ApiError::BadRequest(
-                    "broadcast takes no \"topic\" or \"socketId\"".into(),
+                    "broadcast takes no \"topic\", \"socketId\" or \"user\"".into(),
                 ));
             }
             Ok(Channel::Broadcast)
@@ -341,7 +362,7 @@ fn channel_for(
                     "\"topic\" is not allowed here; use /api/publish".into(),
                 ));
             }
-            socket_field(socket).map(Channel::Socket)
+            recipient(socket, user)
         }
     }
 }
@@ -406,7 +427,7 @@ pub fn parse_json_body(
 ) -> Result<(Channel, Message), ApiError> {
     let body: Body = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
-    let channel = channel_for(kind, body.topic, body.socket_id)?;
+    let channel = channel_for(kind, body.topic, body.socket_id, body.user)?;
     let text = text_of(body.message, body.name, body.data.as_deref())?;
     if text.len() > max_message_bytes {
         return Err(ApiError::TooLarge(max_message_bytes));
@@ -454,6 +475,7 @@ struct BatchItem {
     topic: Option<String>,
     #[serde(rename = "socketId")]
     socket_id: Option<String>,
+    user: Option<String>,
     #[serde(default)]
     broadcast: bool,
     message: Option<String>,
@@ -474,13 +496,14 @@ pub fn parse_batch_item(
 ) -> Result<(Channel, Message), ApiError> {
     let item: BatchItem = serde_json::from_str(item.get())
         .map_err(|e| ApiError::BadRequest(format!("invalid item: {e}")))?;
-    let channel = match (item.topic, item.socket_id, item.broadcast) {
-        (Some(t), None, false) => topic_field(Some(t)).map(Channel::Topic)?,
-        (None, Some(s), false) => socket_field(Some(s)).map(Channel::Socket)?,
-        (None, None, true) => Channel::Broadcast,
+    let channel = match (item.topic, item.socket_id, item.user, item.broadcast) {
+        (Some(t), None, None, false) => topic_field(Some(t)).map(Channel::Topic)?,
+        (None, Some(s), None, false) => socket_field(Some(s)).map(Channel::Socket)?,
+        (None, None, Some(u), false) => user_field(u).map(Channel::User)?,
+        (None, None, None, true) => Channel::Broadcast,
         _ => {
             return Err(ApiError::BadRequest(
-                "an item needs exactly one of \"topic\", \"socketId\" and \"broadcast\":true"
+                "an item needs exactly one of \"topic\", \"socketId\", \"user\" and \"broadcast\":true"
                     .into(),
             ));
         }
@@ -525,12 +548,12 @@ async fn deliver(
     let max = st.api.max_message_bytes;
     let (channel, message) = match content_kind(req.headers())? {
         ContentKind::Binary => {
-            let channel = channel_for(kind, query.topic, query.socket_id)?;
+            let channel = channel_for(kind, query.topic, query.socket_id, query.user)?;
             let body = read_body(req, max, max).await?;
             (channel, Message::Binary(body))
         }
         ContentKind::Json => {
-            if query.topic.is_some() || query.socket_id.is_some() {
+            if query.topic.is_some() || query.socket_id.is_some() || query.user.is_some() {
                 return Err(ApiError::BadRequest(
                     "with a JSON body, put the target in the body".into(),
                 ));
@@ -647,6 +670,7 @@ async fn send(
 struct DisconnectBody {
     #[serde(rename = "socketId")]
     socket_id: Option<String>,
+    user: Option<String>,
 }
 
 async fn disconnect(State(st): State<AppState>, req: Request) -> Result<Response, ApiError> {
@@ -656,10 +680,10 @@ async fn disconnect(State(st): State<AppState>, req: Request) -> Result<Response
     let body = read_body(req, 4096, 4096).await?;
     let body: DisconnectBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
-    let id = socket_field(body.socket_id)?;
+    let channel = recipient(body.socket_id, body.user)?;
     st.hub
         .broker()
-        .publish(&Channel::Socket(id), Message::Disconnect)
+        .publish(&channel, Message::Disconnect)
         .await?;
     Ok(Json(json!({ "ok": true })).into_response())
 }

@@ -167,7 +167,7 @@ impl AuthFailure {
 #[derive(Debug, Clone)]
 pub struct Identity {
     /// `sub`, the user.
-    pub user: Option<String>,
+    pub user: Option<crate::types::UserId>,
     /// The `topics` claim.
     pub topics: Patterns,
     /// `exp`, in seconds since the Unix epoch.
@@ -414,7 +414,9 @@ impl Verifier {
         };
         let user = match claims.sub {
             None => None,
-            Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= 256 => Some(s),
+            Some(serde_json::Value::String(s)) => {
+                Some(crate::types::UserId::new(&s).map_err(|_| AuthFailure::Claims)?)
+            }
             Some(_) => return Err(AuthFailure::Claims),
         };
         // Required and checked by the library; a number it accepted.
@@ -805,7 +807,7 @@ mod tests {
                 json!({"sub": "u1", "exp": exp, "topics": ["news", "chat:*"]}),
             ))
             .unwrap();
-        assert_eq!(id.user.as_deref(), Some("u1"));
+        assert_eq!(id.user.as_ref().map(|u| u.as_str()), Some("u1"));
         assert_eq!(id.expires_at, exp);
         assert!(id.topics.matches("news") && id.topics.matches("chat:1"));
         assert!(!id.topics.matches("other"));

@@ -344,12 +344,6 @@ where
         }
     });
 
-    if handler.is_some() {
-        hub.open_without_session(&conn);
-    } else {
-        hub.open(&conn).await;
-    }
-
     let (state, deadline) = match (auth.settings.mode, auth.identity) {
         (AuthMode::Off, _) => (AuthState::Off, None),
         (_, Some(identity)) => {
@@ -362,6 +356,21 @@ where
             Some(tokio::time::Instant::now() + auth.settings.timeout),
         ),
     };
+    if let AuthState::User(Identity {
+        user: Some(user), ..
+    }) = &state
+    {
+        // Reachable as the user before the session envelope goes out, like the socket id.
+        hub.set_user(&conn, user);
+        if let Err(e) = hub.broker().confirmed(&Channel::User(user.clone())).await {
+            tracing::debug!(error = %e, "session sent before the user's channel was confirmed");
+        }
+    }
+    if handler.is_some() {
+        hub.open_without_session(&conn);
+    } else {
+        hub.open(&conn).await;
+    }
     let mut session = Session {
         hub: &hub,
         conn: &conn,
@@ -712,7 +721,7 @@ impl Session<'_> {
     }
 
     /// `auth.authenticate`: a first token, or a fresh one before the current one expires.
-    fn authenticate(&mut self, token: &str) -> std::ops::ControlFlow<()> {
+    async fn authenticate(&mut self, token: &str) -> std::ops::ControlFlow<()> {
         let Some(verifier) = self.auth.verifier.clone() else {
             // Authentication off: the message means nothing, as before.
             self.error(&ClientError::UnknownType, None);
@@ -729,13 +738,25 @@ impl Session<'_> {
             return self.refuse(AuthFailure::Claims);
         }
         self.deadline = Some(expiry(&identity, &self.auth));
-        let ok = protocol::auth_ok_frame(identity.user.as_deref(), identity.expires_at);
+        let ok = protocol::auth_ok_frame(
+            identity.user.as_ref().map(|u| u.as_str()),
+            identity.expires_at,
+        );
+        let user = identity.user.clone();
         self.state = AuthState::User(identity);
         // Rooms the new token no longer allows are left, and the client told.
         for topic in self.conn.joined() {
             if !self.may_join(topic.as_str()) && self.hub.leave(self.conn, &topic) {
                 self.hub
                     .send_control(self.conn, protocol::revoked_frame(&topic));
+            }
+        }
+        if let Some(user) = user {
+            // The same user as before, if any (checked above): nothing changes then. `auth.ok`
+            // waits, like `room.joined`, until messages to the user reach this connection.
+            self.hub.set_user(self.conn, &user);
+            if let Err(e) = self.hub.broker().confirmed(&Channel::User(user)).await {
+                tracing::debug!(error = %e, "auth.ok sent before the user's channel was confirmed");
             }
         }
         self.hub.send_control(self.conn, ok);
@@ -811,7 +832,7 @@ impl Session<'_> {
                         .send_control(self.conn, protocol::ack_frame(false, &topic, &id));
                 }
             }
-            Command::Authenticate { token } => return self.authenticate(&token),
+            Command::Authenticate { token } => return self.authenticate(&token).await,
         }
         Continue(())
     }

@@ -29,7 +29,7 @@ use crate::frame;
 use crate::history::{Position, Recovery};
 use crate::metrics::{CloseReason, Metrics};
 use crate::outbox::{Kind, Outbox, Push, QueueLimits};
-use crate::types::{Channel, SocketId, Topic};
+use crate::types::{Channel, SocketId, Topic, UserId};
 
 const SHARDS: usize = 64;
 /// Recipients of a fan-out whose memory is touched ahead of pushing to them (see
@@ -67,6 +67,8 @@ pub struct Conn {
 #[derive(Default)]
 struct ConnTopics {
     joined: HashSet<Topic>,
+    /// The user a verified token says this connection is (`--auth`).
+    user: Option<UserId>,
     /// Set by unregister: later joins are refused so nothing is left behind.
     gone: bool,
 }
@@ -160,6 +162,8 @@ type TopicShard = RwLock<HashMap<Topic, Subscribers>>;
 
 struct Shared {
     conns: Vec<RwLock<HashMap<SocketId, Arc<Conn>>>>,
+    /// Each user's local connections (`--auth`).
+    users: Vec<RwLock<HashMap<UserId, Vec<Arc<Conn>>>>>,
     topics: Vec<TopicShard>,
     hasher: RandomState,
     /// Open connections; also decides the broadcast channel's edges.
@@ -208,6 +212,7 @@ impl Hub {
         Self {
             shared: Arc::new(Shared {
                 conns: (0..SHARDS).map(|_| RwLock::default()).collect(),
+                users: (0..SHARDS).map(|_| RwLock::default()).collect(),
                 topics: (0..SHARDS).map(|_| RwLock::default()).collect(),
                 hasher: RandomState::new(),
                 members: Mutex::new(0),
@@ -242,6 +247,55 @@ impl Hub {
 
     fn conn_shard(&self, id: SocketId) -> &RwLock<HashMap<SocketId, Arc<Conn>>> {
         &self.shared.conns[(id.as_u128() as usize) % SHARDS]
+    }
+
+    fn user_shard(&self, user: &UserId) -> &RwLock<HashMap<UserId, Vec<Arc<Conn>>>> {
+        let h = self.shared.hasher.hash_one(user.as_str());
+        &self.shared.users[(h as usize) % SHARDS]
+    }
+
+    /// Records that `conn` is `user`'s, so that messages to the user reach it; the user's
+    /// channel is subscribed with its first local connection. A connection is one user's for
+    /// its whole life: a second call with another user is refused (`false`), as it is once
+    /// the connection is gone.
+    pub fn set_user(&self, conn: &Arc<Conn>, user: &UserId) -> bool {
+        let mut t = conn.topics();
+        match &t.user {
+            Some(current) => return current == user,
+            None if t.gone => return false,
+            None => t.user = Some(user.clone()),
+        }
+        let mut shard = write(self.user_shard(user));
+        let conns = shard.entry(user.clone()).or_default();
+        conns.push(conn.clone());
+        if conns.len() == 1 {
+            self.shared
+                .broker
+                .channel_added(&Channel::User(user.clone()));
+        }
+        true
+    }
+
+    /// Takes `conn` out of its user's connections (when it is unregistered).
+    fn remove_user(&self, conn: &Arc<Conn>, user: &UserId) {
+        let mut shard = write(self.user_shard(user));
+        if let Some(conns) = shard.get_mut(user) {
+            conns.retain(|c| !Arc::ptr_eq(c, conn));
+            if conns.is_empty() {
+                shard.remove(user);
+                self.shared
+                    .broker
+                    .channel_removed(&Channel::User(user.clone()));
+            }
+        }
+    }
+
+    /// The local connections of `user`.
+    pub fn user_connections(&self, user: &UserId) -> Vec<Arc<Conn>> {
+        read(self.user_shard(user))
+            .get(user)
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn topic_shard(&self, topic: &Topic) -> &TopicShard {
@@ -342,13 +396,16 @@ impl Hub {
 
     /// Removes a connection and all its subscriptions; counts its close reason.
     pub fn unregister(&self, conn: &Arc<Conn>) {
-        let topics = {
+        let (topics, user) = {
             let mut t = conn.topics();
             t.gone = true;
-            std::mem::take(&mut t.joined)
+            (std::mem::take(&mut t.joined), t.user.take())
         };
         for topic in &topics {
             self.remove_subscriber(conn, topic);
+        }
+        if let Some(user) = &user {
+            self.remove_user(conn, user);
         }
         {
             let mut shard = write(self.conn_shard(conn.id));
@@ -840,15 +897,8 @@ impl Hub {
 
     /// Closes one connection (a backend asked for it).
     pub fn disconnect(&self, id: SocketId) -> bool {
-        match self.connection(id) {
-            Some(conn) => conn.outbox.close(
-                frame::close_code::NORMAL,
-                "disconnected by server",
-                CloseReason::Disconnected,
-                false,
-            ),
-            None => false,
-        }
+        self.connection(id)
+            .is_some_and(|conn| close_disconnected(&conn))
     }
 }
 
@@ -896,8 +946,16 @@ impl Sink for Hub {
     fn deliver(&self, channel: &Channel, message: Message, position: Option<&Position>) {
         let frame = match &message {
             Message::Disconnect => {
-                if let Channel::Socket(id) = channel {
-                    self.disconnect(*id);
+                match channel {
+                    Channel::Socket(id) => {
+                        self.disconnect(*id);
+                    }
+                    Channel::User(user) => {
+                        for conn in self.user_connections(user) {
+                            close_disconnected(&conn);
+                        }
+                    }
+                    Channel::Topic(_) | Channel::Broadcast => {}
                 }
                 return;
             }
@@ -944,6 +1002,13 @@ impl Sink for Hub {
                     self.push(&conn, &frame, direct);
                 }
             }
+            Channel::User(user) => {
+                let shard = read(self.user_shard(user));
+                if let Some(conns) = shard.get(user) {
+                    let direct = self.direct_fanout(conns.len());
+                    self.push_all(conns.iter(), &frame, direct);
+                }
+            }
             Channel::Broadcast => {
                 let direct = self.direct_fanout(self.connection_count());
                 for shard in &self.shared.conns {
@@ -952,6 +1017,16 @@ impl Sink for Hub {
             }
         }
     }
+}
+
+/// Closes a connection a backend asked to disconnect.
+fn close_disconnected(conn: &Conn) -> bool {
+    conn.outbox.close(
+        frame::close_code::NORMAL,
+        "disconnected by server",
+        CloseReason::Disconnected,
+        false,
+    )
 }
 
 /// A payload encoded into frames only once a recipient is known: at most one plain frame and

@@ -78,7 +78,7 @@ pub use broker::{BrokerError, Message};
 pub use config::Config;
 pub use conn::{Connection, MessageHandler};
 pub use error::{Error, Result};
-pub use types::{Channel, KeyPrefix, SocketId, Topic};
+pub use types::{Channel, KeyPrefix, SocketId, Topic, UserId};
 
 use broker::Broker;
 use broker::memory::MemoryBroker;
@@ -283,6 +283,28 @@ impl Gateway {
     /// [`Error::Publish`] when the broker refused.
     pub async fn send(&self, socket: SocketId, message: Message) -> Result<()> {
         Ok(self.hub.publish(&Channel::Socket(socket), message).await?)
+    }
+
+    /// Delivers to every connection of `user` (a verified token's `sub`), on every replica.
+    ///
+    /// # Errors
+    /// [`Error::Publish`] when the broker refused.
+    pub async fn send_to_user(&self, user: &UserId, message: Message) -> Result<()> {
+        Ok(self
+            .hub
+            .publish(&Channel::User(user.clone()), message)
+            .await?)
+    }
+
+    /// Closes every connection of `user`, on every replica (close 1000).
+    ///
+    /// # Errors
+    /// [`Error::Publish`] when the broker refused.
+    pub async fn disconnect_user(&self, user: &UserId) -> Result<()> {
+        Ok(self
+            .hub
+            .publish(&Channel::User(user.clone()), Message::Disconnect)
+            .await?)
     }
 
     /// Publishes many messages at once — to topics, to everyone ([`Channel::Broadcast`]) or to

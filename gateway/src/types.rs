@@ -15,6 +15,11 @@ pub const BROADCAST_TOPIC: &str = "__broadcast__";
 pub const REPLICAS_TOPIC: &str = "__replicas__";
 /// Prefix of the reserved per-connection topics (`__socket__:<socketId>`).
 pub const SOCKET_TOPIC_PREFIX: &str = "__socket__:";
+/// Prefix of the reserved per-user topics (`__user__:<sub>`): every connection of a user, on
+/// every replica (`--auth`).
+pub const USER_TOPIC_PREFIX: &str = "__user__:";
+/// Longest user id (`sub`).
+pub const MAX_USER_LEN: usize = 256;
 /// Prefix of the reserved per-replica topics (`__direct__:<tag>`): the Redis channel on which
 /// a replica receives the direct messages of all its connections (see [`SocketId::tag`]).
 pub const DIRECT_TOPIC_PREFIX: &str = "__direct__:";
@@ -84,6 +89,7 @@ pub fn is_reserved(name: &str) -> bool {
         || name == REPLICAS_TOPIC
         || name.starts_with(SOCKET_TOPIC_PREFIX)
         || name.starts_with(DIRECT_TOPIC_PREFIX)
+        || name.starts_with(USER_TOPIC_PREFIX)
 }
 
 impl fmt::Display for Topic {
@@ -161,6 +167,47 @@ impl fmt::Debug for SocketId {
     }
 }
 
+/// A user: a verified token's `sub`. 1–256 characters, none of them control characters (ids
+/// from identity providers take many forms: `auth0|123`, e-mail addresses, UUIDs).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(Arc<str>);
+
+impl UserId {
+    /// Validates a user id.
+    ///
+    /// # Errors
+    /// [`InvalidName`] when it is empty, too long or has a control character.
+    pub fn new(id: &str) -> Result<Self, InvalidName> {
+        if id.is_empty() {
+            return Err(InvalidName::Empty);
+        }
+        if id.len() > MAX_USER_LEN {
+            return Err(InvalidName::TooLong(MAX_USER_LEN));
+        }
+        if id.chars().any(char::is_control) {
+            return Err(InvalidName::BadCharacter);
+        }
+        Ok(Self(Arc::from(id)))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UserId({:?})", &*self.0)
+    }
+}
+
 /// The namespace of a fleet's broker channels (`{prefix}:{topic}`).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct KeyPrefix(Arc<str>);
@@ -200,6 +247,8 @@ pub enum Channel {
     Topic(Topic),
     /// One connection, wherever it is.
     Socket(SocketId),
+    /// Every connection of one user, wherever they are.
+    User(UserId),
     /// Every connection.
     Broadcast,
 }
@@ -210,6 +259,7 @@ impl Channel {
         match self {
             Channel::Topic(t) => t.as_str().to_owned(),
             Channel::Socket(id) => format!("{SOCKET_TOPIC_PREFIX}{id}"),
+            Channel::User(user) => format!("{USER_TOPIC_PREFIX}{user}"),
             Channel::Broadcast => BROADCAST_TOPIC.to_owned(),
         }
     }
@@ -224,6 +274,9 @@ impl Channel {
         }
         if let Some(id) = name.strip_prefix(SOCKET_TOPIC_PREFIX) {
             return SocketId::parse(id).map(Channel::Socket);
+        }
+        if let Some(user) = name.strip_prefix(USER_TOPIC_PREFIX) {
+            return UserId::new(user).map(Channel::User);
         }
         Topic::new(name).map(Channel::Topic)
     }
@@ -257,6 +310,20 @@ mod tests {
             Err(InvalidName::Reserved)
         );
         assert!(Topic::new("__direct__").is_ok());
+        assert_eq!(Topic::new("__user__:u1"), Err(InvalidName::Reserved));
+    }
+
+    #[test]
+    fn user_ids_take_any_printable_form_within_the_limit() {
+        for ok in ["u1", "auth0|42", "a@b.example", "é ü", &"x".repeat(256)] {
+            assert!(UserId::new(ok).is_ok(), "{ok}");
+        }
+        assert_eq!(UserId::new(""), Err(InvalidName::Empty));
+        assert_eq!(
+            UserId::new(&"x".repeat(257)),
+            Err(InvalidName::TooLong(256))
+        );
+        assert_eq!(UserId::new("a\nb"), Err(InvalidName::BadCharacter));
     }
 
     #[test]
@@ -308,6 +375,7 @@ mod tests {
             Channel::Broadcast,
             Channel::Socket(id),
             Channel::Topic(Topic::new("room-1").unwrap()),
+            Channel::User(UserId::new("auth0|42 é@x").unwrap()),
         ] {
             assert_eq!(Channel::from_topic_name(&ch.topic_name()), Ok(ch));
         }

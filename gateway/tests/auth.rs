@@ -180,7 +180,8 @@ async fn every_key_type_and_every_transport_authenticates() {
     for (flag, file, algorithms) in cases {
         let gw = TestGateway::start(&["--auth", "required", flag, file]).await;
         for (alg, key) in algorithms {
-            let token = sign(alg, &key, None, &claims(&["news"]));
+            let signed = claims(&["news"]);
+            let token = sign(alg, &key, None, &signed);
             // ?token= on the upgrade (browsers).
             let mut c = Client::connect_with(gw.addr, &format!("/ws?token={token}"), None)
                 .await
@@ -198,7 +199,7 @@ async fn every_key_type_and_every_transport_authenticates() {
             assert_eq!(ok["data"]["userId"], "user-1");
             assert_eq!(
                 ok["data"]["expiresAt"].as_u64(),
-                claims(&[])["exp"].as_u64().map(|s| s * 1000)
+                signed["exp"].as_u64().map(|s| s * 1000)
             );
             c.join("news").await;
             receives(&gw, &mut c, "news").await;
@@ -717,4 +718,47 @@ async fn api_keys_rotate_without_a_restart() {
     write("new-key-0123456789\n");
     wait_until(|| async { status("old-key-0123456789").await == 403 }).await;
     assert_eq!(status("new-key-0123456789").await, 200);
+}
+
+#[tokio::test]
+async fn a_user_is_reached_on_all_its_connections_with_the_memory_broker() {
+    let keys = Keys::new();
+    let gw = TestGateway::start(&[
+        "--auth",
+        "required",
+        "--jwt-secret-file",
+        &keys.path("secret"),
+    ])
+    .await;
+    let user = |sub: &str| hs256(&json!({"sub": sub, "exp": now() + 300, "topics": ["*"]}));
+    let (mut a1, _) = authenticate(&gw, &user("a")).await;
+    let mut a2 = Client::connect_with(gw.addr, &format!("/ws?token={}", user("a")), None)
+        .await
+        .unwrap();
+    let (mut b, _) = authenticate(&gw, &user("b")).await;
+    let (status, _) = gw
+        .http()
+        .post_json("/api/send", json!({"user": "a", "message": "to a"}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(a1.next_text().await, "to a");
+    assert_eq!(a2.next_text().await, "to a");
+    // The embedded API does the same.
+    gw.gateway
+        .send_to_user(
+            &wsgate::UserId::new("b").unwrap(),
+            wsgate::Message::text("to b"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(b.next_text().await, "to b");
+    let (status, _) = gw
+        .http()
+        .post_json("/api/disconnect", json!({"user": "a"}))
+        .await;
+    assert_eq!(status, 200);
+    assert!(matches!(a1.next().await, Received::Close(Some(1000), _)));
+    assert!(matches!(a2.next().await, Received::Close(Some(1000), _)));
+    b.join("anything").await;
+    receives(&gw, &mut b, "anything").await;
 }

@@ -214,7 +214,9 @@ fn decode_for(
     };
     let message = match (raw.control.as_deref(), raw.is_binary) {
         (Some("disconnect"), _) => {
-            if !raw.topic.starts_with(SOCKET_TOPIC_PREFIX) {
+            if !raw.topic.starts_with(SOCKET_TOPIC_PREFIX)
+                && !raw.topic.starts_with(crate::types::USER_TOPIC_PREFIX)
+            {
                 return Err(Rejection::MisplacedControl);
             }
             Message::Disconnect
