@@ -156,6 +156,12 @@ pub struct WsClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<HistorySpec>,
 
+    /// Client authentication: WebSocket clients present a JWT, whose `topics` claim decides
+    /// what they may join (the gateway's `--auth` and `--jwt-*` flags; docs/security.md).
+    /// Absent: anyone who reaches the service may join any topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+
     /// Let a HorizontalPodAutoscaler (autoscaling/v2) size the cluster. Remove it to go back to
     /// `replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -320,6 +326,118 @@ pub struct DrainSpec {
     /// at the end of the window, so that every client still gets its close frame).
     #[schemars(range(min = 1, max = 1000000))]
     pub max_reconnects_per_second: u32,
+}
+
+/// Client authentication settings. The key is mounted into the pods from its Secret or
+/// ConfigMap, so an updated JWKS takes effect without a restart (a secret or public key is
+/// read when a pod starts: rotate those with a rollout, or use a JWKS).
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("(has(self.hmacSecretRef) ? 1 : 0) + (has(self.publicKey) ? 1 : 0) + (has(self.jwks) ? 1 : 0) == 1").message("set exactly one of auth.hmacSecretRef, auth.publicKey and auth.jwks"),
+    validation = Rule::new("!has(self.anonymousTopics) || self.mode == 'Optional'").message("auth.anonymousTopics needs auth.mode Optional")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// `Required`: every connection authenticates; `Optional`: connections without a token
+    /// may join only `anonymousTopics`.
+    #[serde(default)]
+    pub mode: AuthMode,
+
+    /// Secret key holding the HMAC secret (HS256/384/512 tokens; at least 32 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmac_secret_ref: Option<SecretKeyRef>,
+
+    /// PEM public key (RSA, EC P-256/P-384, Ed25519) in a Secret or ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<KeyRef>,
+
+    /// JSON Web Key Set in a Secret or ConfigMap; `kid` picks the key, and an update is picked
+    /// up by the running pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<KeyRef>,
+
+    /// Required `aud` claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub audience: Option<String>,
+
+    /// Required `iss` claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub issuer: Option<String>,
+
+    /// With mode `Optional`: what connections without a token may join — exact names,
+    /// prefixes (`public:*`) or `*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 256),
+        inner(regex(pattern = r"^([a-zA-Z0-9_:.\-]{1,256}\*?|\*)$"))
+    )]
+    pub anonymous_topics: Option<Vec<String>>,
+
+    /// Browser origins allowed to open WebSocket connections (`https://app.example.com`,
+    /// `https://*.example.com`); others get 403. Default: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(regex(pattern = r"^https?://(\*\.)?[a-zA-Z0-9.\-\[\]:]+$"))
+    )]
+    pub allowed_origins: Option<Vec<String>>,
+
+    /// Milliseconds a connection without a token on its upgrade has to send
+    /// `auth.authenticate` (mode `Required`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 100, max = 600000))]
+    pub timeout_ms: Option<u32>,
+}
+
+/// Who must authenticate.
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum AuthMode {
+    /// Connections without a token join only `anonymousTopics`.
+    Optional,
+    /// Every connection authenticates.
+    #[default]
+    Required,
+}
+
+impl AuthMode {
+    /// The gateway's spelling.
+    #[must_use]
+    pub fn flag_value(self) -> &'static str {
+        match self {
+            Self::Optional => "optional",
+            Self::Required => "required",
+        }
+    }
+}
+
+/// A key in a Secret or a ConfigMap: exactly one of the two.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("has(self.secretKeyRef) != has(self.configMapKeyRef)").message("set exactly one of secretKeyRef and configMapKeyRef")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyRef {
+    /// A key in a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<SecretKeyRef>,
+    /// A key in a ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<ConfigMapKeyRef>,
+}
+
+/// A key in a ConfigMap in the WsCluster's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+pub struct ConfigMapKeyRef {
+    /// Name of the ConfigMap.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the ConfigMap.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
 }
 
 /// Message history settings (the gateway's `--history-*` flags).
@@ -531,6 +649,7 @@ impl Default for WsClusterSpec {
             drain_timeout_seconds: DEFAULT_DRAIN_TIMEOUT_SECONDS,
             drain: None,
             history: None,
+            auth: None,
             autoscaling: None,
             pod_disruption_budget: PodDisruptionBudgetSpec::default(),
             metrics: MetricsSpec::default(),

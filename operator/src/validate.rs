@@ -27,6 +27,69 @@ impl InvalidSpec {
     }
 }
 
+/// A topic pattern as the gateway reads it: a name, optionally ending in `*`, or `*` alone.
+fn valid_pattern(p: &str) -> bool {
+    let stem = p.strip_suffix('*').unwrap_or(p);
+    (p == "*" || !stem.is_empty())
+        && stem.len() <= 256
+        && stem
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'.' | b'-'))
+}
+
+fn validate_auth(auth: &crate::crd::AuthSpec) -> Result<(), InvalidSpec> {
+    let invalid = |message: &str| Err(InvalidSpec::new("InvalidAuth", message));
+    let keys = [
+        auth.hmac_secret_ref.is_some(),
+        auth.public_key.is_some(),
+        auth.jwks.is_some(),
+    ];
+    if keys.iter().filter(|k| **k).count() != 1 {
+        return invalid("set exactly one of auth.hmacSecretRef, auth.publicKey and auth.jwks");
+    }
+    for key in [&auth.public_key, &auth.jwks].into_iter().flatten() {
+        if key.secret_key_ref.is_some() == key.config_map_key_ref.is_some() {
+            return invalid("set exactly one of secretKeyRef and configMapKeyRef");
+        }
+    }
+    if let Some(topics) = &auth.anonymous_topics {
+        if auth.mode != crate::crd::AuthMode::Optional {
+            return invalid("auth.anonymousTopics needs auth.mode Optional");
+        }
+        if topics.is_empty() || topics.len() > 256 || !topics.iter().all(|p| valid_pattern(p)) {
+            return invalid(
+                "auth.anonymousTopics must be 1 to 256 patterns: a topic name, optionally \
+                 ending in *, or * alone",
+            );
+        }
+    }
+    if let Some(origins) = &auth.allowed_origins {
+        let valid = |o: &str| {
+            o.split_once("://").is_some_and(|(scheme, host)| {
+                let host = host.strip_prefix("*.").unwrap_or(host);
+                matches!(scheme, "http" | "https")
+                    && !host.is_empty()
+                    && host.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+                    })
+            })
+        };
+        if origins.is_empty() || origins.len() > 64 || !origins.iter().all(|o| valid(o)) {
+            return invalid(
+                "auth.allowedOrigins must be 1 to 64 origins: http(s)://host[:port] or \
+                 http(s)://*.domain",
+            );
+        }
+    }
+    if auth
+        .timeout_ms
+        .is_some_and(|ms| !(100..=600_000).contains(&ms))
+    {
+        return invalid("auth.timeoutMs must be 100..=600000");
+    }
+    Ok(())
+}
+
 /// Checks the rules the schema alone cannot express (and re-checks the ones it can, for objects
 /// admitted before the current CRD).
 ///
@@ -79,14 +142,7 @@ pub fn validate_spec(spec: &WsClusterSpec) -> Result<(), InvalidSpec> {
         ));
     }
     if let Some(history) = &spec.history {
-        let valid = |p: &str| {
-            let stem = p.strip_suffix('*').unwrap_or(p);
-            (p == "*" || !stem.is_empty())
-                && stem.len() <= 256
-                && stem
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'.' | b'-'))
-        };
+        let valid = valid_pattern;
         if history.topics.is_empty()
             || history.topics.len() > 256
             || !history.topics.iter().all(|p| valid(p))
@@ -103,6 +159,9 @@ pub fn validate_spec(spec: &WsClusterSpec) -> Result<(), InvalidSpec> {
                 "spec.history.size must be 1..=100000 and ttlSeconds 1..=604800",
             ));
         }
+    }
+    if let Some(auth) = &spec.auth {
+        validate_auth(auth)?;
     }
     if let Some(auto) = &spec.autoscaling {
         if auto.min_replicas < 1 {
@@ -198,6 +257,75 @@ mod tests {
             validate_spec(&spec).err().map(|e| e.reason),
             Some("RedisRequired")
         );
+    }
+
+    #[test]
+    fn auth_needs_one_key_and_well_formed_topics_and_origins() {
+        use crate::crd::{AuthMode, AuthSpec, KeyRef};
+        let secret = || {
+            Some(SecretKeyRef {
+                name: "s".into(),
+                key: "k".into(),
+            })
+        };
+        let check = |auth: AuthSpec| {
+            validate_spec(&WsClusterSpec {
+                auth: Some(auth),
+                ..WsClusterSpec::default()
+            })
+            .err()
+            .map(|e| e.reason)
+        };
+        assert_eq!(
+            check(AuthSpec {
+                hmac_secret_ref: secret(),
+                ..AuthSpec::default()
+            }),
+            None
+        );
+        for bad in [
+            AuthSpec::default(),
+            AuthSpec {
+                hmac_secret_ref: secret(),
+                jwks: Some(KeyRef {
+                    secret_key_ref: secret(),
+                    config_map_key_ref: None,
+                }),
+                ..AuthSpec::default()
+            },
+            AuthSpec {
+                public_key: Some(KeyRef::default()),
+                ..AuthSpec::default()
+            },
+            AuthSpec {
+                hmac_secret_ref: secret(),
+                anonymous_topics: Some(vec!["public:*".into()]),
+                ..AuthSpec::default()
+            },
+            AuthSpec {
+                mode: AuthMode::Optional,
+                hmac_secret_ref: secret(),
+                anonymous_topics: Some(vec!["a b".into()]),
+                ..AuthSpec::default()
+            },
+            AuthSpec {
+                hmac_secret_ref: secret(),
+                allowed_origins: Some(vec!["example.com".into()]),
+                ..AuthSpec::default()
+            },
+            AuthSpec {
+                hmac_secret_ref: secret(),
+                allowed_origins: Some(vec!["https://x/path".into()]),
+                ..AuthSpec::default()
+            },
+            AuthSpec {
+                hmac_secret_ref: secret(),
+                timeout_ms: Some(10),
+                ..AuthSpec::default()
+            },
+        ] {
+            assert_eq!(check(bad.clone()), Some("InvalidAuth"), "{bad:?}");
+        }
     }
 
     #[test]

@@ -6,9 +6,11 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle,
-    LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecretKeySelector, SecurityContext, SleepAction, TopologySpreadConstraint,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, SleepAction, TopologySpreadConstraint, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -18,7 +20,83 @@ use super::{
     Defaults, HTTP_PORT, Identity, METRICS_PORT, PRE_STOP_SLEEP_SECONDS, TERMINATION_SLACK_SECONDS,
     drain_step_seconds, effective_key_prefix,
 };
-use crate::crd::{SecretKeyRef, WsCluster};
+use crate::crd::{AuthSpec, KeyRef, SecretKeyRef, WsCluster};
+
+/// Where the authentication key is mounted in the gateway container (a whole volume, not a
+/// subPath, so that the kubelet's updates of the Secret or ConfigMap reach the file).
+pub const AUTH_KEY_DIR: &str = "/etc/wsgate/auth";
+/// The key's file name in [`AUTH_KEY_DIR`].
+pub const AUTH_KEY_FILE: &str = "key";
+const AUTH_VOLUME: &str = "auth-key";
+
+/// The authentication key's volume: its Secret or ConfigMap, the one key as [`AUTH_KEY_FILE`].
+fn auth_volume(auth: &AuthSpec) -> Option<Volume> {
+    let item = |key: &str| {
+        Some(vec![KeyToPath {
+            key: key.to_owned(),
+            path: AUTH_KEY_FILE.into(),
+            mode: None,
+        }])
+    };
+    let secret = |r: &SecretKeyRef| Volume {
+        name: AUTH_VOLUME.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(r.name.clone()),
+            items: item(&r.key),
+            default_mode: Some(0o444),
+            optional: Some(false),
+        }),
+        ..Volume::default()
+    };
+    let key_ref = |r: &KeyRef| match (&r.secret_key_ref, &r.config_map_key_ref) {
+        (Some(s), _) => Some(secret(s)),
+        (None, Some(c)) => Some(Volume {
+            name: AUTH_VOLUME.into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: c.name.clone(),
+                items: item(&c.key),
+                default_mode: Some(0o444),
+                optional: Some(false),
+            }),
+            ..Volume::default()
+        }),
+        (None, None) => None,
+    };
+    match (&auth.hmac_secret_ref, &auth.public_key, &auth.jwks) {
+        (Some(s), _, _) => Some(secret(s)),
+        (None, Some(k), _) | (None, None, Some(k)) => key_ref(k),
+        (None, None, None) => None,
+    }
+}
+
+/// The gateway's authentication flags for `auth`.
+fn auth_env(auth: &AuthSpec, env: &mut Vec<EnvVar>) {
+    let file = format!("{AUTH_KEY_DIR}/{AUTH_KEY_FILE}");
+    env.push(plain("WSGATE_AUTH", auth.mode.flag_value().into()));
+    let key_var = if auth.hmac_secret_ref.is_some() {
+        "WSGATE_JWT_SECRET_FILE"
+    } else if auth.public_key.is_some() {
+        "WSGATE_JWT_PUBLIC_KEY_FILE"
+    } else {
+        "WSGATE_JWT_JWKS_FILE"
+    };
+    env.push(plain(key_var, file));
+    if let Some(aud) = &auth.audience {
+        env.push(plain("WSGATE_JWT_AUDIENCE", aud.clone()));
+    }
+    if let Some(iss) = &auth.issuer {
+        env.push(plain("WSGATE_JWT_ISSUER", iss.clone()));
+    }
+    if let Some(topics) = &auth.anonymous_topics {
+        env.push(plain("WSGATE_ANONYMOUS_TOPICS", topics.join(",")));
+    }
+    if let Some(origins) = &auth.allowed_origins {
+        env.push(plain("WSGATE_ALLOWED_ORIGINS", origins.join(",")));
+    }
+    if let Some(ms) = auth.timeout_ms {
+        env.push(plain("WSGATE_AUTH_TIMEOUT_MS", ms.to_string()));
+    }
+}
 use crate::names::{self, API_KEY_SECRET_KEY};
 
 /// UID and GID the gateway runs as (the distroless `nonroot` user).
@@ -91,6 +169,7 @@ pub fn deployment(wsc: &WsCluster, id: &Identity, defaults: &Defaults) -> Deploy
                         ..PodSecurityContext::default()
                     }),
                     containers: vec![gateway_container(wsc, id, defaults)],
+                    volumes: spec.auth.as_ref().and_then(auth_volume).map(|v| vec![v]),
                     image_pull_secrets: spec.image_pull_secrets.clone(),
                     node_selector: spec.node_selector.clone(),
                     tolerations: spec.tolerations.clone(),
@@ -121,6 +200,14 @@ fn gateway_container(wsc: &WsCluster, id: &Identity, defaults: &Defaults) -> Con
         ),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_owned()),
         env: Some(env(wsc, id)),
+        volume_mounts: spec.auth.as_ref().and_then(auth_volume).map(|_| {
+            vec![VolumeMount {
+                name: AUTH_VOLUME.into(),
+                mount_path: AUTH_KEY_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }]
+        }),
         ports: Some(vec![
             ContainerPort {
                 name: Some("http".into()),
@@ -194,6 +281,9 @@ fn env(wsc: &WsCluster, id: &Identity) -> Vec<EnvVar> {
             "WSGATE_HISTORY_TTL_SECS",
             history.ttl_seconds.to_string(),
         ));
+    }
+    if let Some(auth) = &spec.auth {
+        auth_env(auth, &mut env);
     }
     if let Some(redis) = &spec.redis {
         if let Some(secret) = &redis.url_secret_ref {
@@ -473,6 +563,92 @@ mod tests {
             .and_then(|v| v.secret_key_ref)
             .expect("secret ref");
         assert_eq!((sel.name.as_str(), sel.key.as_str()), ("redis", "url"));
+    }
+
+    #[test]
+    fn auth_mounts_its_key_and_sets_the_gateway_flags() {
+        use crate::crd::{AuthMode, AuthSpec, ConfigMapKeyRef, KeyRef};
+        let d = build(WsClusterSpec {
+            auth: Some(AuthSpec {
+                mode: AuthMode::Optional,
+                jwks: Some(KeyRef {
+                    secret_key_ref: None,
+                    config_map_key_ref: Some(ConfigMapKeyRef {
+                        name: "idp".into(),
+                        key: "jwks.json".into(),
+                    }),
+                }),
+                audience: Some("chat".into()),
+                anonymous_topics: Some(vec!["public:*".into(), "lobby".into()]),
+                allowed_origins: Some(vec!["https://app.example.com".into()]),
+                timeout_ms: Some(3000),
+                ..AuthSpec::default()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(env_value(&d, "WSGATE_AUTH").as_deref(), Some("optional"));
+        assert_eq!(
+            env_value(&d, "WSGATE_JWT_JWKS_FILE").as_deref(),
+            Some("/etc/wsgate/auth/key")
+        );
+        assert_eq!(
+            env_value(&d, "WSGATE_JWT_AUDIENCE").as_deref(),
+            Some("chat")
+        );
+        assert_eq!(
+            env_value(&d, "WSGATE_ANONYMOUS_TOPICS").as_deref(),
+            Some("public:*,lobby")
+        );
+        assert_eq!(
+            env_value(&d, "WSGATE_ALLOWED_ORIGINS").as_deref(),
+            Some("https://app.example.com")
+        );
+        assert_eq!(
+            env_value(&d, "WSGATE_AUTH_TIMEOUT_MS").as_deref(),
+            Some("3000")
+        );
+        // The whole ConfigMap volume (not a subPath: the kubelet's updates reach the file).
+        let volume = pod(&d).volumes.expect("volumes").remove(0);
+        let cm = volume.config_map.expect("a ConfigMap volume");
+        assert_eq!(cm.name, "idp");
+        let items = cm.items.expect("items");
+        assert_eq!(
+            (items[0].key.as_str(), items[0].path.as_str()),
+            ("jwks.json", "key")
+        );
+        let mount = container(&d).volume_mounts.expect("mounts").remove(0);
+        assert_eq!(mount.mount_path, "/etc/wsgate/auth");
+        assert_eq!(mount.sub_path, None);
+        assert_eq!(mount.read_only, Some(true));
+
+        // An HMAC secret comes from its Secret, readable by the non-root user.
+        let d = build(WsClusterSpec {
+            auth: Some(AuthSpec {
+                hmac_secret_ref: Some(SecretKeyRef {
+                    name: "jwt".into(),
+                    key: "secret".into(),
+                }),
+                ..AuthSpec::default()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(env_value(&d, "WSGATE_AUTH").as_deref(), Some("required"));
+        assert_eq!(
+            env_value(&d, "WSGATE_JWT_SECRET_FILE").as_deref(),
+            Some("/etc/wsgate/auth/key")
+        );
+        let secret = pod(&d)
+            .volumes
+            .expect("volumes")
+            .remove(0)
+            .secret
+            .expect("a Secret volume");
+        assert_eq!(secret.secret_name.as_deref(), Some("jwt"));
+        assert_eq!(secret.default_mode, Some(0o444));
+        // No auth: no volume, no flags.
+        let d = build(WsClusterSpec::default());
+        assert_eq!(pod(&d).volumes, None);
+        assert_eq!(env_value(&d, "WSGATE_AUTH"), None);
     }
 
     #[test]
