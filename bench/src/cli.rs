@@ -74,6 +74,22 @@ pub enum Scenario {
         #[command(flatten)]
         load: HoldArgs,
     },
+    /// Prints a JWT for gateways with `--auth` (for `--token`): signed with an HMAC secret file
+    /// (HS256) or a PEM private key (ES256, RS256, EdDSA), allowing every topic.
+    SignToken {
+        /// The key: the gateway's --jwt-secret-file for HS256, else a PKCS#8 PEM private key.
+        #[arg(long, value_name = "PATH")]
+        key: std::path::PathBuf,
+        /// HS256, HS384, HS512, ES256, ES384, RS256, PS256 or EdDSA.
+        #[arg(long, default_value = "HS256")]
+        alg: String,
+        /// Seconds until it expires.
+        #[arg(long, default_value_t = 3600)]
+        exp_secs: u64,
+        /// The `sub` claim.
+        #[arg(long, default_value = "bench")]
+        sub: String,
+    },
 }
 
 /// Where the gateways are (or how to start them), what to measure, how to report.
@@ -133,6 +149,10 @@ pub struct Common {
     /// Print results as JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// A JWT every connection presents on its upgrade (`?token=`), for gateways with `--auth`;
+    /// `wsgate-bench sign-token` makes one.
+    #[arg(long, value_name = "JWT")]
+    pub token: Option<String>,
     /// Clients offer permessage-deflate (as browsers do) and inflate what comes compressed.
     #[arg(long)]
     pub deflate: bool,

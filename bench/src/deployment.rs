@@ -104,6 +104,14 @@ impl Deployment {
             processes.push(Watched::external(pid)?);
         }
         processes.push(Watched::bench());
+        let mut replicas = replicas;
+        if let Some(token) = &common.token {
+            // Every connection presents it on its upgrade (`--auth` gateways).
+            for r in &mut replicas {
+                let sep = if r.url.contains('?') { '&' } else { '?' };
+                r.url = format!("{}{sep}token={token}", r.url);
+            }
+        }
         Ok(Self {
             replicas,
             api: Api {
@@ -183,9 +191,11 @@ pub fn ws_endpoint(target: &str, default_path: &str) -> Result<WsEndpoint> {
         "" | "/" => default_path,
         p => p,
     };
+    // A query (e.g. `?token=`) stays: helper processes get the parent's full URLs.
+    let query = url.query().map(|q| format!("?{q}")).unwrap_or_default();
     Ok(WsEndpoint {
         addr,
-        url: format!("ws://{addr}{path}"),
+        url: format!("ws://{addr}{path}{query}"),
     })
 }
 

@@ -28,6 +28,7 @@ mod report;
 mod resp;
 mod search;
 mod spawn;
+mod token;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -96,7 +97,7 @@ fn common(s: &Scenario) -> Option<&Common> {
         | Scenario::Idle { common, .. }
         | Scenario::Connect { common, .. }
         | Scenario::Drain { common, .. } => Some(common),
-        Scenario::Floor { .. } | Scenario::Hold { .. } => None,
+        Scenario::Floor { .. } | Scenario::Hold { .. } | Scenario::SignToken { .. } => None,
     }
 }
 
@@ -112,6 +113,7 @@ fn connections_needed(s: &Scenario) -> usize {
         // Both ends of every connection are in this process.
         Scenario::Floor { load } => load.connections * 2,
         Scenario::Hold { load } => load.to.saturating_sub(load.from),
+        Scenario::SignToken { .. } => 0,
     }
 }
 
@@ -134,6 +136,16 @@ async fn run(cli: Cli, nofile: u64) -> Result<()> {
             "this run needs about {needed} file descriptors but the limit is {nofile}; raise the \
              hard limit (`ulimit -Hn`, or run as root with a higher `ulimit -n`)"
         ));
+    }
+    if let Scenario::SignToken {
+        key,
+        alg,
+        exp_secs,
+        sub,
+    } = &cli.scenario
+    {
+        println!("{}", token::sign(key, alg, *exp_secs, sub)?);
+        return Ok(());
     }
     if let Scenario::Hold { load } = &cli.scenario {
         client::offer_deflate(load.deflate);
@@ -179,7 +191,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<()> {
                     .await
                     .map(drop)
             }
-            Scenario::Floor { .. } | Scenario::Hold { .. } => {
+            Scenario::Floor { .. } | Scenario::Hold { .. } | Scenario::SignToken { .. } => {
                 Err(anyhow!("this scenario runs without a deployment"))
             }
         }
