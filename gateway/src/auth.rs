@@ -1000,4 +1000,88 @@ mod tests {
         assert!(v.verify(&token("two", k2)).is_ok());
         std::fs::remove_dir_all(dir).unwrap();
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn verifier() -> (PathBuf, Verifier) {
+            let dir = tmp();
+            let v = Verifier::new(
+                &KeySource::Secret(secret_file(&dir)),
+                None,
+                None,
+                DEFAULT_LEEWAY_SECS,
+            )
+            .unwrap();
+            (dir, v)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Whatever arrives as a token — printable text, three dotted parts, base64url
+            /// alphabets — is refused with a reason, never a panic.
+            #[test]
+            fn any_string_is_refused_with_a_reason_never_a_panic(
+                token in prop_oneof![
+                    "\\PC{0,200}",
+                    "[A-Za-z0-9_-]{0,60}\\.[A-Za-z0-9_-]{0,60}\\.[A-Za-z0-9_-]{0,60}",
+                    "eyJ[A-Za-z0-9_-]{0,80}\\.eyJ[A-Za-z0-9_-]{0,80}\\.[A-Za-z0-9_-]{0,86}",
+                ]
+            ) {
+                let (dir, v) = verifier();
+                prop_assert!(v.verify(&token).is_err());
+                std::fs::remove_dir_all(dir).unwrap();
+            }
+
+            /// A correctly signed token is accepted exactly when its claims are: `exp` in the
+            /// future (beyond the leeway), `topics` a list of valid patterns, `sub` a valid id.
+            #[test]
+            fn a_signed_token_is_accepted_exactly_when_its_claims_are_valid(
+                exp_offset in -100i64..100,
+                topics in proptest::collection::vec("[a-z:*]{0,6}", 0..4),
+                sub in "\\PC{0,8}",
+            ) {
+                let (dir, v) = verifier();
+                let exp = (now() as i64 + exp_offset).max(0) as u64;
+                let claims = json!({"exp": exp, "sub": sub, "topics": topics});
+                let result = v.verify(&hs(claims));
+                let topics_ok = Patterns::from_items(topics.iter().map(String::as_str)).is_ok();
+                let sub_ok = crate::types::UserId::new(&sub).is_ok();
+                let alive = exp_offset > DEFAULT_LEEWAY_SECS as i64;
+                let dead = exp_offset < -(DEFAULT_LEEWAY_SECS as i64) - 1;
+                if dead {
+                    prop_assert_eq!(result.err(), Some(AuthFailure::Expired));
+                } else if alive {
+                    prop_assert_eq!(result.is_ok(), topics_ok && sub_ok, "{:?}", result.err());
+                }
+                std::fs::remove_dir_all(dir).unwrap();
+            }
+
+            /// The pattern matcher: an exact pattern matches only itself, `stem*` every topic
+            /// that starts with the stem, `*` everything — whatever the other patterns.
+            #[test]
+            fn patterns_match_what_their_form_says(
+                stems in proptest::collection::vec("[a-z0-9:._-]{1,8}", 1..6),
+                prefixes in proptest::collection::vec(any::<bool>(), 1..6),
+                topic in "[a-z0-9:._-]{1,12}",
+            ) {
+                let items: Vec<String> = stems
+                    .iter()
+                    .zip(prefixes.iter().cycle())
+                    .map(|(s, p)| if *p { format!("{s}*") } else { s.clone() })
+                    .collect();
+                let patterns = Patterns::from_items(items.iter().map(String::as_str)).unwrap();
+                let expected = stems.iter().zip(prefixes.iter().cycle()).any(|(s, p)| {
+                    if *p { topic.starts_with(s.as_str()) } else { topic == *s }
+                });
+                prop_assert_eq!(patterns.matches(&topic), expected);
+                let mut all = items.clone();
+                all.push("*".into());
+                let everything = Patterns::from_items(all.iter().map(String::as_str)).unwrap();
+                prop_assert!(everything.matches(&topic));
+            }
+        }
+    }
 }
