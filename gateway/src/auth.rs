@@ -196,18 +196,60 @@ enum Keys {
     /// A secret or a public key, read once at start.
     Fixed(Arc<[Key]>),
     /// A JWKS file, re-read when it changes.
-    Jwks(Mutex<JwksFile>),
+    Jwks(Mutex<Reloading<[Key]>>),
 }
 
 /// What identifies a file's content (modification time, length).
 type Stamp = Option<(SystemTime, u64)>;
 
-struct JwksFile {
+/// What a file holds, read again when it changes: checked (its modification time and length)
+/// at most every [`JWKS_CHECK`], when the value is asked for. A file that no longer reads
+/// keeps the value in force: a half-written or emptied file must not lock everyone out.
+struct Reloading<T: ?Sized> {
     path: PathBuf,
     checked: Instant,
-    /// What identified the file's content when it was last read (modification time, length).
+    /// What identified the file's content when it was last read.
     stamp: Stamp,
-    keys: Arc<[Key]>,
+    value: Arc<T>,
+    read: fn(&Path) -> Result<Arc<T>, String>,
+    /// What the file holds, for the logs.
+    what: &'static str,
+}
+
+impl<T: ?Sized> Reloading<T> {
+    fn new(
+        path: &Path,
+        read: fn(&Path) -> Result<Arc<T>, String>,
+        what: &'static str,
+    ) -> Result<Self, String> {
+        let stamp = stamp(path);
+        Ok(Self {
+            value: read(path)?,
+            path: path.to_owned(),
+            checked: Instant::now(),
+            stamp,
+            read,
+            what,
+        })
+    }
+
+    fn get(&mut self) -> Arc<T> {
+        if self.checked.elapsed() >= JWKS_CHECK {
+            self.checked = Instant::now();
+            let now = stamp(&self.path);
+            if now != self.stamp {
+                match (self.read)(&self.path) {
+                    Ok(value) => {
+                        tracing::info!(path = %self.path.display(), "{} reloaded", self.what);
+                        self.value = value;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "{} not reloaded", self.what),
+                }
+                self.stamp = now;
+            }
+        }
+        self.value.clone()
+    }
 }
 
 /// Checks tokens.
@@ -289,13 +331,7 @@ impl Verifier {
                 Keys::Fixed(Arc::from([Key { kid: None, key }]))
             }
             KeySource::Jwks(path) => {
-                let (keys, stamp) = read_jwks(path)?;
-                Keys::Jwks(Mutex::new(JwksFile {
-                    path: path.clone(),
-                    checked: Instant::now(),
-                    stamp,
-                    keys,
-                }))
+                Keys::Jwks(Mutex::new(Reloading::new(path, read_jwks, "JWKS")?))
             }
         };
         Ok(Self {
@@ -310,29 +346,7 @@ impl Verifier {
     fn keys(&self) -> Arc<[Key]> {
         match &self.keys {
             Keys::Fixed(keys) => keys.clone(),
-            Keys::Jwks(file) => {
-                let mut file = file.lock().unwrap_or_else(PoisonError::into_inner);
-                if file.checked.elapsed() >= JWKS_CHECK {
-                    file.checked = Instant::now();
-                    let stamp = stamp(&file.path);
-                    if stamp != file.stamp {
-                        match read_jwks(&file.path) {
-                            Ok((keys, stamp)) => {
-                                tracing::info!(path = %file.path.display(), keys = keys.len(), "JWKS reloaded");
-                                file.keys = keys;
-                                file.stamp = stamp;
-                            }
-                            Err(e) => {
-                                // Keep the keys we have: a half-written file must not lock
-                                // everyone out.
-                                tracing::warn!(error = %e, "JWKS not reloaded");
-                                file.stamp = stamp;
-                            }
-                        }
-                    }
-                }
-                file.keys.clone()
-            }
+            Keys::Jwks(file) => file.lock().unwrap_or_else(PoisonError::into_inner).get(),
         }
     }
 
@@ -438,14 +452,7 @@ impl Verifier {
 /// restart and no moment without a valid key.
 pub struct ApiKeys {
     fixed: Vec<String>,
-    file: Option<Mutex<KeysFile>>,
-}
-
-struct KeysFile {
-    path: PathBuf,
-    checked: Instant,
-    stamp: Stamp,
-    keys: Arc<[String]>,
+    file: Option<Mutex<Reloading<[String]>>>,
 }
 
 impl std::fmt::Debug for ApiKeys {
@@ -472,15 +479,11 @@ impl ApiKeys {
         }
         let file = match file {
             None => None,
-            Some(path) => {
-                let keys = read_api_keys(&path)?;
-                Some(Mutex::new(KeysFile {
-                    stamp: stamp(&path),
-                    path,
-                    checked: Instant::now(),
-                    keys,
-                }))
-            }
+            Some(path) => Some(Mutex::new(Reloading::new(
+                &path,
+                read_api_keys,
+                "API keys",
+            )?)),
         };
         let keys = Self { fixed, file };
         if keys.count() > MAX_API_KEYS {
@@ -500,22 +503,7 @@ impl ApiKeys {
 
     fn file_keys(&self) -> Option<Arc<[String]>> {
         let file = self.file.as_ref()?;
-        let mut file = file.lock().unwrap_or_else(PoisonError::into_inner);
-        if file.checked.elapsed() >= JWKS_CHECK {
-            file.checked = Instant::now();
-            let now = stamp(&file.path);
-            if now != file.stamp {
-                match read_api_keys(&file.path) {
-                    Ok(keys) => {
-                        tracing::info!(path = %file.path.display(), keys = keys.len(), "API keys reloaded");
-                        file.keys = keys;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "API keys not reloaded"),
-                }
-                file.stamp = now;
-            }
-        }
-        Some(file.keys.clone())
+        Some(file.lock().unwrap_or_else(PoisonError::into_inner).get())
     }
 
     /// Whether `token` is one of the keys, compared in constant time with each.
@@ -666,8 +654,7 @@ fn stamp(path: &Path) -> Stamp {
 }
 
 /// Reads a JWKS file: every key it can use (RSA, EC, OKP, oct), by `kid`.
-fn read_jwks(path: &Path) -> Result<(Arc<[Key]>, Stamp), String> {
-    let stamp = stamp(path);
+fn read_jwks(path: &Path) -> Result<Arc<[Key]>, String> {
     let bytes = read(path, MAX_JWKS_BYTES)?;
     let set: JwkSet = serde_json::from_slice(&bytes)
         .map_err(|e| format!("{}: not a JWKS: {e}", path.display()))?;
@@ -686,7 +673,7 @@ fn read_jwks(path: &Path) -> Result<(Arc<[Key]>, Stamp), String> {
     if keys.is_empty() {
         return Err(format!("{}: no usable key", path.display()));
     }
-    Ok((Arc::from(keys), stamp))
+    Ok(Arc::from(keys))
 }
 
 #[cfg(test)]

@@ -98,6 +98,15 @@ fn claims(topics: &[&str]) -> Value {
     json!({"sub": "user-1", "exp": now() + 300, "topics": topics})
 }
 
+/// A gateway checking tokens against the HMAC secret of `keys`, with `extra` flags (`mode`:
+/// `required` or `optional`).
+async fn hmac_gateway(keys: &Keys, mode: &str, extra: &[&str]) -> TestGateway {
+    let secret = keys.path("secret");
+    let mut args = vec!["--auth", mode, "--jwt-secret-file", &secret];
+    args.extend_from_slice(extra);
+    TestGateway::start(&args).await
+}
+
 async fn auth_failures(gw: &TestGateway, reason: &str) -> f64 {
     let scrape = gw.http().metrics().await;
     metric(
@@ -214,21 +223,20 @@ async fn refused_tokens_get_their_own_error_are_counted_and_harm_nobody() {
         "rsa",
         &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
     );
-    let secret = keys.path("secret");
-    let gw = TestGateway::start(&[
-        "--auth",
+    let gw = hmac_gateway(
+        &keys,
         "required",
-        "--jwt-secret-file",
-        &secret,
-        "--jwt-audience",
-        "app",
-        "--jwt-issuer",
-        "https://issuer",
-        "--jwt-leeway-secs",
-        "0",
-        "--max-frame-bytes",
-        "2097152",
-    ])
+        &[
+            "--jwt-audience",
+            "app",
+            "--jwt-issuer",
+            "https://issuer",
+            "--jwt-leeway-secs",
+            "0",
+            "--max-frame-bytes",
+            "2097152",
+        ],
+    )
     .await;
     let good = json!({"sub": "u", "exp": now() + 300, "aud": "app", "iss": "https://issuer", "topics": ["*"]});
     // A connection that is fine throughout, and must stay so.
@@ -340,15 +348,7 @@ async fn refused_tokens_get_their_own_error_are_counted_and_harm_nobody() {
 #[tokio::test]
 async fn no_token_in_time_is_a_timeout_and_a_late_token_finds_the_connection_closed() {
     let keys = Keys::new();
-    let gw = TestGateway::start(&[
-        "--auth",
-        "required",
-        "--jwt-secret-file",
-        &keys.path("secret"),
-        "--auth-timeout-ms",
-        "300",
-    ])
-    .await;
+    let gw = hmac_gateway(&keys, "required", &["--auth-timeout-ms", "300"]).await;
     let mut c = gw.client().await;
     let err = c.next_json().await;
     assert_eq!(err["data"]["code"], "unauthorized");
@@ -378,13 +378,7 @@ async fn no_token_in_time_is_a_timeout_and_a_late_token_finds_the_connection_clo
 #[tokio::test]
 async fn joins_follow_the_topics_claim_and_a_refused_join_keeps_the_connection() {
     let keys = Keys::new();
-    let gw = TestGateway::start(&[
-        "--auth",
-        "required",
-        "--jwt-secret-file",
-        &keys.path("secret"),
-    ])
-    .await;
+    let gw = hmac_gateway(&keys, "required", &[]).await;
     let (mut c, _) = authenticate(&gw, &hs256(&claims(&["news", "chat:*"]))).await;
     c.join("news").await;
     c.join("chat:1").await;
@@ -414,15 +408,7 @@ async fn joins_follow_the_topics_claim_and_a_refused_join_keeps_the_connection()
 #[tokio::test]
 async fn a_refresh_keeps_the_connection_past_the_first_expiry_and_expiry_closes_it_with_4001() {
     let keys = Keys::new();
-    let gw = TestGateway::start(&[
-        "--auth",
-        "required",
-        "--jwt-secret-file",
-        &keys.path("secret"),
-        "--jwt-leeway-secs",
-        "0",
-    ])
-    .await;
+    let gw = hmac_gateway(&keys, "required", &["--jwt-leeway-secs", "0"]).await;
     let first_exp = now() + 2;
     let token =
         |exp: u64, topics: &[&str]| hs256(&json!({"sub": "user-1", "exp": exp, "topics": topics}));
@@ -546,15 +532,7 @@ where
 #[tokio::test]
 async fn optional_mode_lets_connections_without_a_token_join_only_anonymous_topics() {
     let keys = Keys::new();
-    let gw = TestGateway::start(&[
-        "--auth",
-        "optional",
-        "--jwt-secret-file",
-        &keys.path("secret"),
-        "--anonymous-topics",
-        "public:*",
-    ])
-    .await;
+    let gw = hmac_gateway(&keys, "optional", &["--anonymous-topics", "public:*"]).await;
     let mut anon = gw.client().await;
     anon.join("public:lobby").await;
     anon.expect_error(r#"{"type":"room.join","room":"private"}"#, "forbidden")
@@ -723,13 +701,7 @@ async fn api_keys_rotate_without_a_restart() {
 #[tokio::test]
 async fn a_user_is_reached_on_all_its_connections_with_the_memory_broker() {
     let keys = Keys::new();
-    let gw = TestGateway::start(&[
-        "--auth",
-        "required",
-        "--jwt-secret-file",
-        &keys.path("secret"),
-    ])
-    .await;
+    let gw = hmac_gateway(&keys, "required", &[]).await;
     let user = |sub: &str| hs256(&json!({"sub": sub, "exp": now() + 300, "topics": ["*"]}));
     let (mut a1, _) = authenticate(&gw, &user("a")).await;
     let mut a2 = Client::connect_with(gw.addr, &format!("/ws?token={}", user("a")), None)

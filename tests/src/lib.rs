@@ -423,17 +423,9 @@ impl Client {
     }
 
     pub async fn connect(addr: SocketAddr) -> Self {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        Self::connect_with(addr, "/ws", None)
             .await
-            .unwrap();
-        let mut c = Self {
-            ws,
-            socket_id: String::new(),
-        };
-        let session = c.next_json().await;
-        assert_eq!(session["name"], "session", "{session}");
-        c.socket_id = session["data"]["socketId"].as_str().unwrap().to_owned();
-        c
+            .unwrap_or_else(|(status, body)| panic!("upgrade refused: {status} {body}"))
     }
 
     pub async fn send_text(&mut self, text: &str) {
