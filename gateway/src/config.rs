@@ -114,6 +114,21 @@ pub struct Config {
     )]
     pub redis_url: Option<String>,
 
+    /// Redis Sentinel: `host:port` of each sentinel, comma-separated. The gateway asks them
+    /// for the current master on every connect and follows failovers; --redis-url, if given,
+    /// then only supplies the user, password, database and TLS setting.
+    #[arg(
+        long,
+        env = "WSGATE_REDIS_SENTINELS",
+        value_delimiter = ',',
+        value_name = "HOST:PORT"
+    )]
+    pub redis_sentinels: Vec<String>,
+
+    /// The name of the master the sentinels watch (with --redis-sentinels).
+    #[arg(long, env = "WSGATE_REDIS_SENTINEL_MASTER", value_name = "NAME")]
+    pub redis_sentinel_master: Option<String>,
+
     /// PEM file with the CA certificate(s) that sign the Redis server's certificate
     /// (rediss:// only; default: the system's root certificates).
     #[arg(long, env = "WSGATE_REDIS_CA_FILE", value_name = "PATH")]
@@ -390,6 +405,42 @@ impl Config {
         }
         crate::auth::Origins::parse(&self.allowed_origins)
             .map_err(|e| invalid("--allowed-origins (WSGATE_ALLOWED_ORIGINS)", e))?;
+        match (self.redis_sentinels.is_empty(), &self.redis_sentinel_master) {
+            (true, None) => {}
+            (false, Some(name)) => {
+                let host_port = |s: &str| {
+                    s.rsplit_once(':').is_some_and(|(host, port)| {
+                        !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+                    })
+                };
+                if self.redis_sentinels.len() > 16
+                    || !self.redis_sentinels.iter().all(|s| host_port(s))
+                {
+                    return Err(invalid(
+                        "--redis-sentinels (WSGATE_REDIS_SENTINELS)",
+                        "must be 1 to 16 host:port",
+                    ));
+                }
+                if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+                    return Err(invalid(
+                        "--redis-sentinel-master (WSGATE_REDIS_SENTINEL_MASTER)",
+                        "must be 1 to 256 characters",
+                    ));
+                }
+            }
+            (true, Some(_)) => {
+                return Err(invalid(
+                    "--redis-sentinel-master (WSGATE_REDIS_SENTINEL_MASTER)",
+                    "needs --redis-sentinels",
+                ));
+            }
+            (false, None) => {
+                return Err(invalid(
+                    "--redis-sentinels (WSGATE_REDIS_SENTINELS)",
+                    "needs --redis-sentinel-master",
+                ));
+            }
+        }
         // The file is read when the gateway starts (`api_keys`); the flags are checked here.
         crate::auth::ApiKeys::new(self.api_key.clone(), None)
             .map_err(|e| invalid("--api-key (WSGATE_API_KEY)", e))?;
@@ -507,6 +558,15 @@ impl Config {
                 ttl: Duration::from_secs(self.history_ttl_secs),
             }),
         )
+    }
+
+    /// The Sentinel settings, when the sentinels and the master are given (see `validate`).
+    pub fn sentinel(&self) -> Option<crate::broker::redis::SentinelSettings> {
+        let master = self.redis_sentinel_master.clone()?;
+        (!self.redis_sentinels.is_empty()).then(|| crate::broker::redis::SentinelSettings {
+            sentinels: self.redis_sentinels.clone(),
+            master,
+        })
     }
 
     /// The API keys, reading `--api-keys-file`.
@@ -710,6 +770,15 @@ mod tests {
             (&["--history-ttl-secs", "0"], "--history-ttl-secs"),
             (&["--history-ttl-secs", "604801"], "--history-ttl-secs"),
             (&["--allowed-origins", "example.com"], "--allowed-origins"),
+            (
+                &["--redis-sentinels", "127.0.0.1:26379"],
+                "--redis-sentinels",
+            ),
+            (&["--redis-sentinel-master", "m"], "--redis-sentinel-master"),
+            (
+                &["--redis-sentinels", "nope", "--redis-sentinel-master", "m"],
+                "--redis-sentinels",
+            ),
             (&["--no-such-flag"], "--no-such-flag"),
         ];
         for (args, setting) in cases {

@@ -125,7 +125,14 @@ impl Gateway {
         let auth = Arc::new(config.auth()?);
         let api_keys = Arc::new(config.api_keys()?);
         let allowed_origins = Arc::new(config.allowed_origins()?);
-        let broker: Arc<dyn Broker> = match &config.redis_url {
+        let sentinel = config.sentinel();
+        let redis_url = match (&config.redis_url, &sentinel) {
+            (Some(url), _) => Some(url.clone()),
+            // With Sentinel the URL only carries credentials, database and TLS; none here.
+            (None, Some(_)) => Some("redis://127.0.0.1".to_owned()),
+            (None, None) => None,
+        };
+        let broker: Arc<dyn Broker> = match &redis_url {
             None => Arc::new(MemoryBroker::new(metrics.broker.clone()).with_history(history)),
             Some(url) => {
                 let ca_pem = match &config.redis_ca_file {
@@ -138,6 +145,7 @@ impl Gateway {
                 let settings = broker::redis::RedisSettings {
                     ca_pem,
                     history,
+                    sentinel,
                     url: url.clone(),
                     key_prefix: key_prefix.clone(),
                     socket_channels: config.socket_channels,

@@ -119,6 +119,32 @@ impl RedisServer {
         panic!("could not start redis-server (is it installed? `make test` installs it)");
     }
 
+    /// A replica of the server on `master_port`.
+    pub fn start_replica_of(master_port: u16) -> Self {
+        Self::start_args(&["--replicaof", "127.0.0.1", &master_port.to_string()])
+    }
+
+    /// A Redis Sentinel watching the master on `master_port` as `name` (quorum 2, a master is
+    /// down after 500 ms without an answer). Its configuration file lives in the temp folder.
+    pub fn start_sentinel(master_port: u16, name: &str) -> Self {
+        let conf = std::env::temp_dir().join(format!(
+            "wsgate-sentinel-{}-{}.conf",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::write(
+            &conf,
+            format!(
+                "sentinel monitor {name} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {name} 500\n\
+                 sentinel failover-timeout {name} 5000\n\
+                 sentinel parallel-syncs {name} 1\n"
+            ),
+        )
+        .unwrap();
+        Self::start_args(&[conf.to_str().unwrap(), "--sentinel"])
+    }
+
     /// The CA certificate (PEM) of a TLS server.
     pub fn ca_file(&self) -> Option<String> {
         self.tls

@@ -87,6 +87,29 @@ pub struct RedisSettings {
     pub ca_pem: Option<Vec<u8>>,
     /// Topics that keep a history, and how much of it.
     pub history: Option<HistorySettings>,
+    /// Find the master through Redis Sentinel instead of connecting to `url`'s host (whose
+    /// user, password, database and TLS setting still apply).
+    pub sentinel: Option<SentinelSettings>,
+}
+
+/// Redis Sentinel: where the sentinels are and which master they watch.
+#[derive(Debug, Clone)]
+pub struct SentinelSettings {
+    /// `host:port` of each sentinel.
+    pub sentinels: Vec<String>,
+    /// The master's name (`sentinel monitor <name> …`).
+    pub master: String,
+}
+
+/// Where connections go: one server, or the current master of a Sentinel-watched group,
+/// asked for again on every connect (so a reconnect after a failover finds the new master).
+enum Target {
+    Direct(redis::Client),
+    Sentinel {
+        sentinel: tokio::sync::Mutex<redis::sentinel::Sentinel>,
+        master: String,
+        node: redis::sentinel::SentinelNodeConnectionInfo,
+    },
 }
 
 /// How much longer than its messages a topic's position (epoch and last offset) is kept, so
@@ -238,7 +261,7 @@ struct Peers {
 const MAX_ACKS_OWED: usize = 64;
 
 struct Inner {
-    client: redis::Client,
+    target: Target,
     /// This replica's id on the replicas channel.
     replica: uuid::Uuid,
     /// The first 32 bits of this replica's socket ids, naming its direct channel.
@@ -312,9 +335,36 @@ impl RedisBroker {
             ),
         }
         .map_err(|e| BrokerError::Setup(format!("invalid Redis URL or TLS settings: {e}")))?;
+        let target = match settings.sentinel {
+            None => Target::Direct(client),
+            Some(s) => {
+                let info = client.get_connection_info();
+                let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(info.redis_settings().clone());
+                if let redis::ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
+                    node = node.set_tls_mode(if *insecure {
+                        redis::TlsMode::Insecure
+                    } else {
+                        redis::TlsMode::Secure
+                    });
+                }
+                let sentinels: Vec<String> = s
+                    .sentinels
+                    .iter()
+                    .map(|hp| format!("redis://{hp}"))
+                    .collect();
+                let sentinel = redis::sentinel::Sentinel::build(sentinels)
+                    .map_err(|e| BrokerError::Setup(format!("invalid --redis-sentinels: {e}")))?;
+                Target::Sentinel {
+                    sentinel: tokio::sync::Mutex::new(sentinel),
+                    master: s.master,
+                    node,
+                }
+            }
+        };
         Ok(Self {
             inner: Arc::new(Inner {
-                client,
+                target,
                 replica: uuid::Uuid::new_v4(),
                 tag: rand::random(),
                 per_socket: settings.socket_channels == SocketChannels::PerSocket,
@@ -376,6 +426,22 @@ impl Inner {
             (socket, replica)
         } else {
             (replica, socket)
+        }
+    }
+
+    /// A client for the server to connect to now: the configured one, or the master the
+    /// sentinels name at this moment.
+    async fn client(&self) -> Result<redis::Client, RedisError> {
+        match &self.target {
+            Target::Direct(client) => Ok(client.clone()),
+            Target::Sentinel {
+                sentinel,
+                master,
+                node,
+            } => {
+                let mut sentinel = sentinel.lock().await;
+                sentinel.async_master_for(master, Some(node)).await
+            }
         }
     }
 
@@ -797,26 +863,26 @@ impl Inner {
         let mut failures: u32 = 0;
         let mut connected_before = false;
         while !self.stopped.load(Ordering::Acquire) {
-            let pubsub =
-                match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "Redis subscriber connect failed");
-                        failures += 1;
-                        if self.pause(reconnect_delay(failures)).await {
-                            break;
-                        }
-                        continue;
+            let connect = async { self.client().await?.get_async_pubsub().await };
+            let pubsub = match tokio::time::timeout(self.timeout, connect).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "Redis subscriber connect failed");
+                    failures += 1;
+                    if self.pause(reconnect_delay(failures)).await {
+                        break;
                     }
-                    Err(_) => {
-                        tracing::debug!("Redis subscriber connect timed out");
-                        failures += 1;
-                        if self.pause(reconnect_delay(failures)).await {
-                            break;
-                        }
-                        continue;
+                    continue;
+                }
+                Err(_) => {
+                    tracing::debug!("Redis subscriber connect timed out");
+                    failures += 1;
+                    if self.pause(reconnect_delay(failures)).await {
+                        break;
                     }
-                };
+                    continue;
+                }
+            };
             let (mut sink, mut stream) = pubsub.split();
             if let Err(e) = self.sync(&mut sink, true).await {
                 tracing::warn!(error = %e, "Redis resubscribe failed; reconnecting");
@@ -946,12 +1012,13 @@ impl Inner {
                     .send_replace(PubConn::Closed("broker stopped".into()));
                 return;
             }
-            let attempt = tokio::time::timeout(
-                self.timeout,
-                self.client
-                    .get_multiplexed_async_connection_with_config(&self.connection_config()),
-            )
-            .await;
+            let connect = async {
+                self.client()
+                    .await?
+                    .get_multiplexed_async_connection_with_config(&self.connection_config())
+                    .await
+            };
+            let attempt = tokio::time::timeout(self.timeout, connect).await;
             let why = match attempt {
                 Ok(Ok(_)) if self.stopped.load(Ordering::Acquire) => {
                     // Stopped while connecting: leave nothing open behind `stop`.
@@ -1875,6 +1942,7 @@ mod tests {
             max_payload: 1024,
             ca_pem: None,
             history: None,
+            sentinel: None,
         };
         RedisBroker::new(settings, Metrics::new().broker, None).unwrap()
     }
