@@ -255,10 +255,11 @@ impl ServiceType {
     }
 }
 
-/// Where the gateways find Redis: exactly one of `url` and `urlSecretRef`.
+/// Where the gateways find Redis: exactly one of `url` and `urlSecretRef`; or `sentinel`, with
+/// at most one of them for the credentials, database and TLS setting.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[x_kube(
-    validation = Rule::new("has(self.url) != has(self.urlSecretRef)").message("set exactly one of redis.url and redis.urlSecretRef")
+    validation = Rule::new("has(self.sentinel) ? !(has(self.url) && has(self.urlSecretRef)) : has(self.url) != has(self.urlSecretRef)").message("set exactly one of redis.url and redis.urlSecretRef")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct RedisSpec {
@@ -272,12 +273,33 @@ pub struct RedisSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_secret_ref: Option<SecretKeyRef>,
 
+    /// Redis Sentinel: the gateways ask these sentinels for the current master on every
+    /// connect, and follow failovers. `url` / `urlSecretRef`, if set, then supply only the
+    /// user, password, database and TLS setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentinel: Option<SentinelSpec>,
+
     /// How direct messages (`/api/send`, `/api/disconnect`) reach a connection's pod:
     /// `PerReplica` (the default: one Redis channel per pod, nothing subscribed per
     /// connection) or `PerSocket` (also the seed's channel per connection — for a fleet where
     /// `@orijs/websocket-redis` instances send to this cluster's connections).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_channels: Option<SocketChannels>,
+}
+
+/// Redis Sentinel settings (the gateway's `--redis-sentinels` and `--redis-sentinel-master`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SentinelSpec {
+    /// `host:port` of each sentinel.
+    #[schemars(
+        length(min = 1, max = 16),
+        inner(regex(pattern = r"^[^\s:,]+:[0-9]{1,5}$"))
+    )]
+    pub hosts: Vec<String>,
+    /// The master's name in the sentinels' `sentinel monitor`.
+    #[schemars(length(min = 1, max = 256))]
+    pub master_name: String,
 }
 
 /// How direct messages (`/api/send`, `/api/disconnect`) reach a connection's pod (the

@@ -119,7 +119,28 @@ pub fn validate_spec(spec: &WsClusterSpec) -> Result<(), InvalidSpec> {
         ));
     }
     if let Some(redis) = &spec.redis {
+        if let Some(sentinel) = &redis.sentinel {
+            let host_port = |s: &str| {
+                s.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty()
+                        && !host.contains([',', ' '])
+                        && port.parse::<u16>().is_ok_and(|p| p > 0)
+                })
+            };
+            if sentinel.hosts.is_empty()
+                || sentinel.hosts.len() > 16
+                || !sentinel.hosts.iter().all(|h| host_port(h))
+                || sentinel.master_name.is_empty()
+                || sentinel.master_name.len() > 256
+            {
+                return Err(InvalidSpec::new(
+                    "InvalidRedis",
+                    "spec.redis.sentinel needs 1 to 16 hosts as host:port and a masterName",
+                ));
+            }
+        }
         match (&redis.url, &redis.url_secret_ref) {
+            (None, None) if redis.sentinel.is_some() => {}
             (Some(_), Some(_)) | (None, None) => {
                 return Err(InvalidSpec::new(
                     "InvalidRedis",
@@ -198,6 +219,7 @@ mod tests {
             url: Some("redis://redis:6379".into()),
             url_secret_ref: None,
             socket_channels: None,
+            sentinel: None,
         })
     }
 
@@ -257,6 +279,44 @@ mod tests {
             validate_spec(&spec).err().map(|e| e.reason),
             Some("RedisRequired")
         );
+    }
+
+    #[test]
+    fn sentinel_needs_hosts_and_a_master_and_takes_a_url_for_credentials_only() {
+        use crate::crd::SentinelSpec;
+        let check = |url: Option<&str>, hosts: &[&str], master: &str| {
+            validate_spec(&WsClusterSpec {
+                replicas: 3,
+                redis: Some(RedisSpec {
+                    url: url.map(str::to_owned),
+                    url_secret_ref: None,
+                    socket_channels: None,
+                    sentinel: Some(SentinelSpec {
+                        hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+                        master_name: master.to_owned(),
+                    }),
+                }),
+                ..WsClusterSpec::default()
+            })
+            .err()
+            .map(|e| e.reason)
+        };
+        assert_eq!(check(None, &["s1:26379", "10.0.0.7:26379"], "chat"), None);
+        assert_eq!(check(Some("redis://:pw@x/1"), &["s1:26379"], "chat"), None);
+        for (hosts, master) in [
+            (&[][..], "chat"),
+            (&["s1"][..], "chat"),
+            (&["s1:0"][..], "chat"),
+            (&["s1:99999"][..], "chat"),
+            (&["a,b:1"][..], "chat"),
+            (&["s1:26379"][..], ""),
+        ] {
+            assert_eq!(
+                check(None, hosts, master),
+                Some("InvalidRedis"),
+                "{hosts:?} {master:?}"
+            );
+        }
     }
 
     #[test]
@@ -357,6 +417,7 @@ mod tests {
                     key: "k".into(),
                 }),
                 socket_channels: None,
+                sentinel: None,
             }),
             ..WsClusterSpec::default()
         };

@@ -277,6 +277,7 @@ fn redis() -> Option<RedisSpec> {
         url: Some("redis://redis:6379".into()),
         url_secret_ref: None,
         socket_channels: None,
+        sentinel: None,
     })
 }
 

@@ -291,6 +291,13 @@ fn env(wsc: &WsCluster, id: &Identity) -> Vec<EnvVar> {
         } else if let Some(url) = &redis.url {
             env.push(plain("WSGATE_REDIS_URL", url.clone()));
         }
+        if let Some(sentinel) = &redis.sentinel {
+            env.push(plain("WSGATE_REDIS_SENTINELS", sentinel.hosts.join(",")));
+            env.push(plain(
+                "WSGATE_REDIS_SENTINEL_MASTER",
+                sentinel.master_name.clone(),
+            ));
+        }
         if let Some(mode) = redis.socket_channels {
             env.push(plain("WSGATE_SOCKET_CHANNELS", mode.flag_value().into()));
         }
@@ -470,6 +477,7 @@ mod tests {
                 url: Some("redis://r:6379".into()),
                 url_secret_ref: None,
                 socket_channels: None,
+                sentinel: None,
             }),
             autoscaling: Some(AutoscalingSpec {
                 min_replicas: 2,
@@ -535,6 +543,7 @@ mod tests {
                 url: Some("redis://r:6379".into()),
                 url_secret_ref: None,
                 socket_channels: None,
+                sentinel: None,
             }),
             ..Default::default()
         });
@@ -551,6 +560,7 @@ mod tests {
                     key: "url".into(),
                 }),
                 socket_channels: None,
+                sentinel: None,
             }),
             ..Default::default()
         });
@@ -652,6 +662,34 @@ mod tests {
     }
 
     #[test]
+    fn sentinels_and_their_master_are_passed_with_the_url_for_credentials() {
+        let d = build(WsClusterSpec {
+            redis: Some(RedisSpec {
+                url: None,
+                url_secret_ref: Some(SecretKeyRef {
+                    name: "redis".into(),
+                    key: "url".into(),
+                }),
+                socket_channels: None,
+                sentinel: Some(crate::crd::SentinelSpec {
+                    hosts: vec!["s1:26379".into(), "s2:26379".into()],
+                    master_name: "chat".into(),
+                }),
+            }),
+            ..Default::default()
+        });
+        assert_eq!(
+            env_value(&d, "WSGATE_REDIS_SENTINELS").as_deref(),
+            Some("s1:26379,s2:26379")
+        );
+        assert_eq!(
+            env_value(&d, "WSGATE_REDIS_SENTINEL_MASTER").as_deref(),
+            Some("chat")
+        );
+        assert!(env_map(&d).contains_key("WSGATE_REDIS_URL"));
+    }
+
+    #[test]
     fn the_socket_channel_mode_is_passed_only_when_set() {
         let redis = |mode| {
             build(WsClusterSpec {
@@ -659,6 +697,7 @@ mod tests {
                     url: Some("redis://r:6379".into()),
                     url_secret_ref: None,
                     socket_channels: mode,
+                    sentinel: None,
                 }),
                 ..Default::default()
             })

@@ -117,6 +117,7 @@ mod tests {
                 url: Some("redis://r:6379".into()),
                 url_secret_ref: None,
                 socket_channels: None,
+                sentinel: None,
             }),
             autoscaling: Some(AutoscalingSpec {
                 min_replicas: 2,
