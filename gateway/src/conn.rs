@@ -158,34 +158,26 @@ pub async fn serve_upgraded(
     };
     // Our own server hands over a plain TCP stream: use its halves directly (no lock, and
     // reads wait for readiness without holding a buffer). Embedders' servers may wrap it.
+    let start = |leftover| Start {
+        leftover,
+        slot,
+        settings,
+        handler,
+        deflate,
+        auth,
+    };
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let socket = Arc::new(parts.io.into_inner());
             let writer = Writer::Tcp(socket.clone());
             let reader = TcpReader(socket);
-            let start = Start {
-                leftover: parts.read_buf,
-                slot,
-                settings,
-                handler,
-                deflate,
-                auth,
-            };
-            run(hub, reader, writer, start).await;
+            run(hub, reader, writer, start(parts.read_buf)).await;
         }
         Err(upgraded) => {
             let (r, w) = tokio::io::split(TokioIo::new(upgraded));
             let writer = Writer::Generic(Box::new(w));
             let reader = GenericReader(r);
-            let start = Start {
-                leftover: Bytes::new(),
-                slot,
-                settings,
-                handler,
-                deflate,
-                auth,
-            };
-            run(hub, reader, writer, start).await;
+            run(hub, reader, writer, start(Bytes::new())).await;
         }
     }
 }
