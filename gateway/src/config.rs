@@ -129,6 +129,18 @@ pub struct Config {
     #[arg(long, env = "WSGATE_REDIS_SENTINEL_MASTER", value_name = "NAME")]
     pub redis_sentinel_master: Option<String>,
 
+    /// Redis Cluster: `host:port` of some of its nodes, comma-separated. Topics then use
+    /// sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis 7 or later), so each topic's traffic
+    /// touches only its shard; --redis-url, if given, then only supplies the user, password
+    /// and TLS setting.
+    #[arg(
+        long,
+        env = "WSGATE_REDIS_CLUSTER_NODES",
+        value_delimiter = ',',
+        value_name = "HOST:PORT"
+    )]
+    pub redis_cluster_nodes: Vec<String>,
+
     /// PEM file with the CA certificate(s) that sign the Redis server's certificate
     /// (rediss:// only; default: the system's root certificates).
     #[arg(long, env = "WSGATE_REDIS_CA_FILE", value_name = "PATH")]
@@ -405,14 +417,33 @@ impl Config {
         }
         crate::auth::Origins::parse(&self.allowed_origins)
             .map_err(|e| invalid("--allowed-origins (WSGATE_ALLOWED_ORIGINS)", e))?;
+        let host_port = |s: &str| {
+            s.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty()
+                    && !host.chars().any(|c| c.is_whitespace() || c.is_control())
+                    && port.parse::<u16>().is_ok_and(|p| p > 0)
+            })
+        };
+        if !self.redis_cluster_nodes.is_empty() {
+            let setting = "--redis-cluster-nodes (WSGATE_REDIS_CLUSTER_NODES)";
+            if self.redis_cluster_nodes.len() > 64
+                || !self.redis_cluster_nodes.iter().all(|s| host_port(s))
+            {
+                return Err(invalid(setting, "must be 1 to 64 host:port"));
+            }
+            if !self.redis_sentinels.is_empty() || self.redis_sentinel_master.is_some() {
+                return Err(invalid(setting, "excludes --redis-sentinels"));
+            }
+            if self.socket_channels == SocketChannels::PerSocket {
+                return Err(invalid(
+                    setting,
+                    "excludes --socket-channels per-socket (seed instances cannot use sharded pub/sub)",
+                ));
+            }
+        }
         match (self.redis_sentinels.is_empty(), &self.redis_sentinel_master) {
             (true, None) => {}
             (false, Some(name)) => {
-                let host_port = |s: &str| {
-                    s.rsplit_once(':').is_some_and(|(host, port)| {
-                        !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-                    })
-                };
                 if self.redis_sentinels.len() > 16
                     || !self.redis_sentinels.iter().all(|s| host_port(s))
                 {
@@ -566,6 +597,13 @@ impl Config {
         (!self.redis_sentinels.is_empty()).then(|| crate::broker::redis::SentinelSettings {
             sentinels: self.redis_sentinels.clone(),
             master,
+        })
+    }
+
+    /// The Redis Cluster settings, when nodes are given.
+    pub fn cluster(&self) -> Option<crate::broker::redis::ClusterSettings> {
+        (!self.redis_cluster_nodes.is_empty()).then(|| crate::broker::redis::ClusterSettings {
+            nodes: self.redis_cluster_nodes.clone(),
         })
     }
 
@@ -778,6 +816,29 @@ mod tests {
             (
                 &["--redis-sentinels", "nope", "--redis-sentinel-master", "m"],
                 "--redis-sentinels",
+            ),
+            (&["--redis-cluster-nodes", "nope"], "--redis-cluster-nodes"),
+            (&["--redis-cluster-nodes", "h:0"], "--redis-cluster-nodes"),
+            (&["--redis-cluster-nodes", "a b:1"], "--redis-cluster-nodes"),
+            (
+                &[
+                    "--redis-cluster-nodes",
+                    "h:1",
+                    "--redis-sentinels",
+                    "h:2",
+                    "--redis-sentinel-master",
+                    "m",
+                ],
+                "--redis-cluster-nodes",
+            ),
+            (
+                &[
+                    "--redis-cluster-nodes",
+                    "h:1",
+                    "--socket-channels",
+                    "per-socket",
+                ],
+                "--redis-cluster-nodes",
             ),
             (&["--no-such-flag"], "--no-such-flag"),
         ];

@@ -126,11 +126,13 @@ impl Gateway {
         let api_keys = Arc::new(config.api_keys()?);
         let allowed_origins = Arc::new(config.allowed_origins()?);
         let sentinel = config.sentinel();
-        let redis_url = match (&config.redis_url, &sentinel) {
+        let cluster = config.cluster();
+        let redis_url = match (&config.redis_url, sentinel.is_some() || cluster.is_some()) {
             (Some(url), _) => Some(url.clone()),
-            // With Sentinel the URL only carries credentials, database and TLS; none here.
-            (None, Some(_)) => Some("redis://127.0.0.1".to_owned()),
-            (None, None) => None,
+            // With Sentinel or a cluster the URL only carries credentials, database and TLS;
+            // none here.
+            (None, true) => Some("redis://127.0.0.1".to_owned()),
+            (None, false) => None,
         };
         let broker: Arc<dyn Broker> = match &redis_url {
             None => Arc::new(MemoryBroker::new(metrics.broker.clone()).with_history(history)),
@@ -146,6 +148,7 @@ impl Gateway {
                     ca_pem,
                     history,
                     sentinel,
+                    cluster,
                     url: url.clone(),
                     key_prefix: key_prefix.clone(),
                     socket_channels: config.socket_channels,

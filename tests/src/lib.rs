@@ -5,9 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 mod proxy;
+mod redis_cluster;
 mod redis_server;
 pub mod webdriver;
 pub use proxy::TcpProxy;
+pub use redis_cluster::RedisCluster;
 pub use redis_server::RedisServer;
 
 use std::net::SocketAddr;

@@ -145,6 +145,45 @@ impl RedisServer {
         Self::start_args(&[conf.to_str().unwrap(), "--sentinel"])
     }
 
+    /// A Redis Cluster node (not yet part of a cluster: see `RedisCluster`), keeping its
+    /// cluster state in `dir` (so that a restart rejoins). Its cluster bus port is a second
+    /// free port, a master is failed over after 1 s without an answer.
+    pub fn start_cluster_node(dir: &std::path::Path) -> Self {
+        for _ in 0..20 {
+            let port = free_port();
+            let bus = free_port();
+            let extra: Vec<String> = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &format!("nodes-{port}.conf"),
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-port",
+                &bus.to_string(),
+                "--dir",
+                &dir.to_string_lossy(),
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+            if let Some(child) = Self::spawn(port, None, &extra) {
+                return Self {
+                    port,
+                    child: Some(child),
+                    tls: None,
+                    extra,
+                };
+            }
+        }
+        panic!("could not start a redis-server cluster node");
+    }
+
+    /// Whether the process runs (not killed).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// The CA certificate (PEM) of a TLS server.
     pub fn ca_file(&self) -> Option<String> {
         self.tls

@@ -47,12 +47,15 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant as Deadline;
 
 use super::{BoxFuture, Broker, BrokerError, Message, Sink, wire};
+
+mod cluster;
 use crate::config::SocketChannels;
 use crate::history::{
     HistorySettings, Position, Recovery, RecoveryFailure, Since, Snapshot, new_epoch, valid_epoch,
 };
 use crate::metrics::{BrokerMetrics, DropReason, Metrics};
 use crate::types::{Channel, DIRECT_TOPIC_PREFIX, KeyPrefix, SocketId, Topic};
+pub use cluster::{SLOTS, SlotMap, slot_of};
 
 /// Most channels in one SUBSCRIBE/UNSUBSCRIBE.
 pub const BATCH: usize = 1000;
@@ -90,6 +93,16 @@ pub struct RedisSettings {
     /// Find the master through Redis Sentinel instead of connecting to `url`'s host (whose
     /// user, password, database and TLS setting still apply).
     pub sentinel: Option<SentinelSettings>,
+    /// Use a Redis Cluster with sharded pub/sub (`url` then supplies only the user, password
+    /// and TLS setting).
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// Redis Cluster: where to ask for the slot map first.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// `host:port` of some nodes of the cluster.
+    pub nodes: Vec<String>,
 }
 
 /// Redis Sentinel: where the sentinels are and which master they watch.
@@ -110,6 +123,8 @@ enum Target {
         master: String,
         node: redis::sentinel::SentinelNodeConnectionInfo,
     },
+    /// A Redis Cluster: see [`cluster`].
+    Cluster,
 }
 
 /// How much longer than its messages a topic's position (epoch and last offset) is kept, so
@@ -201,6 +216,9 @@ struct ChanState {
     history: Option<Topic>,
     /// Where delivery stands on a history channel (for the gap fill after a reconnect).
     cursor: Option<Cursor>,
+    /// Cluster: the masters that confirmed the subscription (one, but two while a slot
+    /// moves).
+    on: Vec<Arc<str>>,
 }
 
 impl ChanState {
@@ -218,6 +236,10 @@ struct State {
     /// Channels with `active` set.
     active: usize,
     sink: Option<Arc<dyn Sink>>,
+    /// Cluster: channels changed since each master's subscriber last looked.
+    shard_dirty: HashMap<Arc<str>, HashSet<String>>,
+    /// Cluster: the masters whose subscriber is connected.
+    shards_up: HashSet<Arc<str>>,
 }
 
 /// The publisher connection's state.
@@ -236,9 +258,48 @@ enum PubConn {
     Connecting,
     /// Connected; the number tells connections apart, so that a late failure of an old one
     /// cannot break its replacement.
-    Ready(MultiplexedConnection, u64),
+    Ready(Conn, u64),
     /// A PUBLISH went unanswered: publishes fail fast until the background reconnect succeeds.
     Broken,
+}
+
+/// The publisher's connection: to one server, or to a whole cluster (the redis crate's
+/// cluster connection, which routes each command to its slot's master).
+#[derive(Clone)]
+enum Conn {
+    Node(MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Node(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Node(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Node(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// What a replica knows of the others.
@@ -262,6 +323,10 @@ const MAX_ACKS_OWED: usize = 64;
 
 struct Inner {
     target: Target,
+    /// Redis Cluster: the slot map and the shard subscribers.
+    cluster: Option<cluster::Cluster>,
+    /// `PUBLISH`, or `SPUBLISH` in a cluster.
+    publish_cmd: &'static str,
     /// This replica's id on the replicas channel.
     replica: uuid::Uuid,
     /// The first 32 bits of this replica's socket ids, naming its direct channel.
@@ -324,19 +389,46 @@ impl RedisBroker {
         metrics: BrokerMetrics,
         gateway_metrics: Option<Metrics>,
     ) -> Result<Self, BrokerError> {
-        let client = match settings.ca_pem {
+        let client = match &settings.ca_pem {
             None => redis::Client::open(settings.url.as_str()),
             Some(pem) => redis::Client::build_with_tls(
                 settings.url.as_str(),
                 redis::TlsCertificates {
                     client_tls: None,
-                    root_cert: Some(pem),
+                    root_cert: Some(pem.clone()),
                 },
             ),
         }
         .map_err(|e| BrokerError::Setup(format!("invalid Redis URL or TLS settings: {e}")))?;
+        let cluster = match settings.cluster {
+            None => None,
+            Some(c) => {
+                if settings.socket_channels == SocketChannels::PerSocket {
+                    return Err(BrokerError::Setup(
+                        "per-socket channels are for seed instances, which cannot use a Redis Cluster's sharded pub/sub".into(),
+                    ));
+                }
+                Some(
+                    cluster::Cluster::new(
+                        c.nodes,
+                        client.get_connection_info().clone(),
+                        settings.ca_pem.clone(),
+                        settings.timeout,
+                    )
+                    .map_err(|e| {
+                        BrokerError::Setup(format!("invalid Redis Cluster settings: {e}"))
+                    })?,
+                )
+            }
+        };
         let target = match settings.sentinel {
+            None if cluster.is_some() => Target::Cluster,
             None => Target::Direct(client),
+            Some(_) if cluster.is_some() => {
+                return Err(BrokerError::Setup(
+                    "Redis Sentinel and Redis Cluster exclude each other".into(),
+                ));
+            }
             Some(s) => {
                 let info = client.get_connection_info();
                 let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
@@ -362,9 +454,21 @@ impl RedisBroker {
                 }
             }
         };
+        let publish_cmd = if cluster.is_some() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        let append_script = if cluster.is_some() {
+            redis::Script::new(&APPEND_AND_PUBLISH.replace("'PUBLISH'", "'SPUBLISH'"))
+        } else {
+            redis::Script::new(APPEND_AND_PUBLISH)
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 target,
+                cluster,
+                publish_cmd,
                 replica: uuid::Uuid::new_v4(),
                 tag: rand::random(),
                 per_socket: settings.socket_channels == SocketChannels::PerSocket,
@@ -384,7 +488,7 @@ impl RedisBroker {
                 publisher: watch::Sender::new(PubConn::Closed("not connected yet".into())),
                 last_warning_ms: AtomicU64::new(0),
                 history: settings.history,
-                append_script: redis::Script::new(APPEND_AND_PUBLISH),
+                append_script,
                 read_script: redis::Script::new(READ_HISTORY),
             }),
             task: Mutex::new(None),
@@ -400,12 +504,32 @@ impl RedisBroker {
 
 impl Inner {
     fn channel_name(&self, channel: &Channel) -> String {
-        format!("{}{}", self.prefix, channel.topic_name())
+        self.name_for(&channel.topic_name())
+    }
+
+    /// The Redis channel of a seed topic name: `{prefix}:{topic}`, or in a cluster
+    /// `{prefix}:{<topic>}`, whose hash tag puts the topic's channel and history in one slot.
+    fn name_for(&self, topic_name: &str) -> String {
+        if self.cluster.is_some() {
+            format!("{}{{{topic_name}}}", self.prefix)
+        } else {
+            format!("{}{topic_name}", self.prefix)
+        }
+    }
+
+    /// The seed topic name of a Redis channel, when it is in our namespace.
+    fn topic_of<'a>(&self, name: &'a str) -> Option<&'a str> {
+        let rest = name.strip_prefix(&self.prefix)?;
+        if self.cluster.is_some() {
+            rest.strip_prefix('{')?.strip_suffix('}')
+        } else {
+            Some(rest)
+        }
     }
 
     /// The direct channel of the replica whose socket ids start with `tag`.
     fn direct_channel(&self, tag: u32) -> String {
-        format!("{}{DIRECT_TOPIC_PREFIX}{tag:08x}", self.prefix)
+        self.name_for(&format!("{DIRECT_TOPIC_PREFIX}{tag:08x}"))
     }
 
     /// The Redis channel whose subscription a local channel needs: its own, except that a
@@ -419,13 +543,17 @@ impl Inner {
 
     /// Where a direct message to `id` is published first, and where again when nobody
     /// received it there.
-    fn direct_routes(&self, id: SocketId) -> (String, String) {
+    fn direct_routes(&self, id: SocketId) -> (String, Option<String>) {
         let replica = self.direct_channel(id.tag());
+        if self.cluster.is_some() {
+            // No seed instance shares sharded pub/sub: only wsgate replicas to reach.
+            return (replica, None);
+        }
         let socket = self.channel_name(&Channel::Socket(id));
         if self.per_socket {
-            (socket, replica)
+            (socket, Some(replica))
         } else {
-            (replica, socket)
+            (replica, Some(socket))
         }
     }
 
@@ -434,6 +562,11 @@ impl Inner {
     async fn client(&self) -> Result<redis::Client, RedisError> {
         match &self.target {
             Target::Direct(client) => Ok(client.clone()),
+            // The cluster code connects each node itself.
+            Target::Cluster => Err(RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "a cluster has no single server",
+            ))),
             Target::Sentinel {
                 sentinel,
                 master,
@@ -442,6 +575,25 @@ impl Inner {
                 let mut sentinel = sentinel.lock().await;
                 sentinel.async_master_for(master, Some(node)).await
             }
+        }
+    }
+
+    /// Marks `name` changed: for the subscriber, or in a cluster for the masters concerned
+    /// (collected in `wake`).
+    fn mark_dirty(&self, st: &mut State, name: String, wake: &mut Vec<Arc<str>>) {
+        if self.cluster.is_some() {
+            self.route_dirty(st, &name, wake);
+        } else {
+            st.dirty.insert(name);
+        }
+    }
+
+    /// Wakes whoever acts on the channels just marked (once the state lock is released).
+    fn wake_after(self: &Arc<Self>, wake: Vec<Arc<str>>) {
+        if self.cluster.is_some() {
+            self.wake_shards(wake);
+        } else {
+            self.wake.notify_one();
         }
     }
 
@@ -502,7 +654,7 @@ impl Inner {
     }
 
     fn replicas_channel(&self) -> String {
-        format!("{}{}", self.prefix, crate::types::REPLICAS_TOPIC)
+        self.name_for(crate::types::REPLICAS_TOPIC)
     }
 
     /// A replica announced itself: `{"replica":"<uuid>"}`.
@@ -679,13 +831,14 @@ impl Inner {
             }
             self.warn_rejected(name, &why);
         };
-        if name.strip_prefix(&self.prefix) == Some(crate::types::REPLICAS_TOPIC) {
+        let topic_name = self.topic_of(name);
+        if topic_name == Some(crate::types::REPLICAS_TOPIC) {
             if let Err(why) = self.on_announce(msg.get_payload_bytes()) {
                 reject(why);
             }
             return;
         }
-        let Some(topic_name) = name.strip_prefix(&self.prefix) else {
+        let Some(topic_name) = topic_name else {
             return reject(wire::Rejection::Malformed(
                 "channel outside our prefix".into(),
             ));
@@ -898,7 +1051,7 @@ impl Inner {
                 tracing::info!("Redis subscriber reconnected and resubscribed");
                 // Before anything live (it waits in `stream`): what this replica missed.
                 if self.history.is_some() {
-                    self.gap_fill().await;
+                    self.gap_fill(None).await;
                 }
             }
             connected_before = true;
@@ -960,10 +1113,7 @@ impl Inner {
 
     /// The publisher connection, connecting first if there is none; `Err` (nothing sent) when
     /// it is broken, the connect fails, or `deadline` passes first.
-    async fn publisher(
-        self: &Arc<Self>,
-        deadline: Deadline,
-    ) -> Result<(MultiplexedConnection, u64), BrokerError> {
+    async fn publisher(self: &Arc<Self>, deadline: Deadline) -> Result<(Conn, u64), BrokerError> {
         let mut start = false;
         self.publisher.send_if_modified(|st| {
             start = matches!(st, PubConn::Closed(_));
@@ -1013,10 +1163,18 @@ impl Inner {
                 return;
             }
             let connect = async {
+                if let Some(cluster) = &self.cluster {
+                    return cluster
+                        .client
+                        .get_async_connection()
+                        .await
+                        .map(Conn::Cluster);
+                }
                 self.client()
                     .await?
                     .get_multiplexed_async_connection_with_config(&self.connection_config())
                     .await
+                    .map(Conn::Node)
             };
             let attempt = tokio::time::timeout(self.timeout, connect).await;
             let why = match attempt {
@@ -1178,66 +1336,55 @@ impl Inner {
         Some(cmd)
     }
 
-    /// Publishes `commands` (PUBLISH or the history script, one per message) in one pipeline:
-    /// one write, one round trip, executed in order. Each gets its own answer; when the
-    /// pipeline is not answered by the deadline, every item is a `Timeout` (Redis may have run
-    /// some of them: the outcome is unknown). An item with a fallback (a direct message) is
-    /// published again there, in a second pipeline, when nobody received it.
+    /// Publishes `commands` (PUBLISH or the history script, one per message, with the slot
+    /// of its channel) in one pipeline: one write, one round trip, executed in order. Each
+    /// gets its own answer; when the pipeline is not answered by the deadline, every item is
+    /// a `Timeout` (Redis may have run some of them: the outcome is unknown). An item with a
+    /// fallback (a direct message) is published again there, in a second pipeline, when
+    /// nobody received it. In a cluster, one pipeline per slot (a pipeline may not cross
+    /// slots), all at once: each keeps its messages' order, which is per topic.
     async fn publish_pipeline(
         self: Arc<Self>,
-        commands: Vec<(redis::Cmd, Option<redis::Cmd>)>,
+        commands: Vec<(u16, redis::Cmd, Option<redis::Cmd>)>,
     ) -> Vec<Result<(), BrokerError>> {
         let deadline = Deadline::now() + self.timeout;
         let n = commands.len();
         if let Some(e) = self.refuse_publish() {
             return vec![Err(e); n];
         }
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for (c, _) in &commands {
-            pipe.add_command(c.clone());
-        }
+        let inner: &Inner = &self;
         let answers: Vec<Result<redis::Value, RedisError>> = match self
             .run(deadline, "pipelined publish", async |mut conn| {
-                let mut answers: Vec<Result<redis::Value, RedisError>> =
-                    pipe.query_async(&mut conn).await?;
-                // The script is loaded on connect; if Redis lost it meanwhile, load it and run
-                // again, in order, the items it refused (no other item of their topics ran).
-                let refused: Vec<usize> = (0..answers.len())
-                    .filter(|i| matches!(&answers[*i], Err(e) if e.code() == Some("NOSCRIPT")))
-                    .collect();
-                if !refused.is_empty() {
-                    self.append_script.load_async(&mut conn).await?;
-                    let mut again = redis::pipe();
-                    again.ignore_errors();
-                    for i in &refused {
-                        again.add_command(commands[*i].0.clone());
-                    }
-                    let retried: Vec<Result<redis::Value, RedisError>> =
-                        again.query_async(&mut conn).await?;
-                    for (i, r) in refused.into_iter().zip(retried) {
-                        answers[i] = r;
-                    }
+                if inner.cluster.is_none() {
+                    return inner.pipeline_once(&mut conn, &commands).await;
                 }
-                // Direct messages nobody received on their first channel, in order.
-                let unheard: Vec<usize> = (0..answers.len())
-                    .filter(|i| {
-                        commands.get(*i).is_some_and(|(_, f)| f.is_some())
-                            && matches!(answers[*i], Ok(redis::Value::Int(0)))
-                    })
-                    .collect();
-                if !unheard.is_empty() {
-                    let mut again = redis::pipe();
-                    again.ignore_errors();
-                    for i in &unheard {
-                        if let Some((_, Some(fallback))) = commands.get(*i) {
-                            again.add_command(fallback.clone());
-                        }
+                let mut groups: HashMap<u16, Vec<usize>> = HashMap::new();
+                for (i, (slot, _, _)) in commands.iter().enumerate() {
+                    groups.entry(*slot).or_default().push(i);
+                }
+                let runs = groups.into_values().map(|indexes| {
+                    let mut conn = conn.clone();
+                    let group: Vec<(u16, redis::Cmd, Option<redis::Cmd>)> =
+                        indexes.iter().map(|i| commands[*i].clone()).collect();
+                    async move {
+                        let answers = inner.pipeline_once(&mut conn, &group).await;
+                        (indexes, answers)
                     }
-                    let sent: Vec<Result<redis::Value, RedisError>> =
-                        again.query_async(&mut conn).await?;
-                    for (i, r) in unheard.into_iter().zip(sent) {
-                        answers[i] = r;
+                });
+                let mut answers: Vec<Result<redis::Value, RedisError>> =
+                    vec![Err(timeout_error()); n];
+                for (indexes, result) in futures_util::future::join_all(runs).await {
+                    match result {
+                        Ok(group) => {
+                            for (i, a) in indexes.into_iter().zip(group) {
+                                answers[i] = a;
+                            }
+                        }
+                        Err(e) => {
+                            for i in indexes {
+                                answers[i] = Err(e.clone());
+                            }
+                        }
                     }
                 }
                 Ok(answers)
@@ -1250,8 +1397,13 @@ impl Inner {
         let mut out: Vec<Result<(), BrokerError>> = answers
             .into_iter()
             .map(|a| {
-                a.map(drop)
-                    .map_err(|e| BrokerError::Unavailable(format!("Redis refused: {e}")))
+                a.map(drop).map_err(|e| {
+                    if e.is_timeout() {
+                        BrokerError::Timeout
+                    } else {
+                        BrokerError::Unavailable(format!("Redis refused: {e}"))
+                    }
+                })
             })
             .collect();
         out.resize(
@@ -1259,6 +1411,60 @@ impl Inner {
             Err(BrokerError::Unavailable("no answer from Redis".into())),
         );
         out
+    }
+
+    /// Runs `commands` as one pipeline on `conn` (see [`Inner::publish_pipeline`]): loads the
+    /// history script again and reruns the items Redis refused for the lack of it, then
+    /// publishes the direct messages nobody received on their fallback channel.
+    async fn pipeline_once(
+        &self,
+        conn: &mut Conn,
+        commands: &[(u16, redis::Cmd, Option<redis::Cmd>)],
+    ) -> Result<Vec<Result<redis::Value, RedisError>>, RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for (_, c, _) in commands {
+            pipe.add_command(c.clone());
+        }
+        let mut answers: Vec<Result<redis::Value, RedisError>> = pipe.query_async(conn).await?;
+        // The script is loaded on connect; if Redis lost it meanwhile, load it and run
+        // again, in order, the items it refused (no other item of their topics ran).
+        let refused: Vec<usize> = (0..answers.len())
+            .filter(|i| matches!(&answers[*i], Err(e) if e.code() == Some("NOSCRIPT")))
+            .collect();
+        if !refused.is_empty() {
+            self.append_script.load_async(conn).await?;
+            let mut again = redis::pipe();
+            again.ignore_errors();
+            for i in &refused {
+                again.add_command(commands[*i].1.clone());
+            }
+            let retried: Vec<Result<redis::Value, RedisError>> = again.query_async(conn).await?;
+            for (i, r) in refused.into_iter().zip(retried) {
+                answers[i] = r;
+            }
+        }
+        // Direct messages nobody received on their first channel, in order.
+        let unheard: Vec<usize> = (0..answers.len())
+            .filter(|i| {
+                commands.get(*i).is_some_and(|(_, _, f)| f.is_some())
+                    && matches!(answers[*i], Ok(redis::Value::Int(0)))
+            })
+            .collect();
+        if !unheard.is_empty() {
+            let mut again = redis::pipe();
+            again.ignore_errors();
+            for i in &unheard {
+                if let Some((_, _, Some(fallback))) = commands.get(*i) {
+                    again.add_command(fallback.clone());
+                }
+            }
+            let sent: Vec<Result<redis::Value, RedisError>> = again.query_async(conn).await?;
+            for (i, r) in unheard.into_iter().zip(sent) {
+                answers[i] = r;
+            }
+        }
+        Ok(answers)
     }
 
     /// PUBLISH without the readiness checks, answered by `deadline`: `Unavailable` when
@@ -1270,8 +1476,8 @@ impl Inner {
         deadline: Deadline,
     ) -> Result<i64, BrokerError> {
         let receivers: i64 = self
-            .run(deadline, "PUBLISH", async |mut conn| {
-                redis::cmd("PUBLISH")
+            .run(deadline, self.publish_cmd, async |mut conn| {
+                redis::cmd(self.publish_cmd)
                     .arg(&channel)
                     .arg(payload)
                     .query_async(&mut conn)
@@ -1289,7 +1495,7 @@ impl Inner {
         self: &Arc<Self>,
         deadline: Deadline,
         what: &str,
-        command: impl AsyncFnOnce(MultiplexedConnection) -> Result<T, RedisError>,
+        command: impl AsyncFnOnce(Conn) -> Result<T, RedisError>,
     ) -> Result<T, BrokerError> {
         let (conn, id) = self.publisher(deadline).await?;
         let result = tokio::time::timeout_at(deadline, command(conn))
@@ -1312,6 +1518,13 @@ impl Inner {
 
     /// The stream and position keys of `topic`'s history.
     fn history_keys(&self, topic: &Topic) -> (String, String) {
+        if self.cluster.is_some() {
+            // The topic is the hash tag, as in its channel: one slot for all three.
+            return (
+                format!("{}__history__:{{{topic}}}", self.prefix),
+                format!("{}__history_meta__:{{{topic}}}", self.prefix),
+            );
+        }
         (
             format!("{}__history__:{topic}", self.prefix),
             format!("{}__history_meta__:{topic}", self.prefix),
@@ -1522,8 +1735,9 @@ impl Inner {
     }
 
     /// After a reconnect and before anything live: delivers, from each local history topic's
-    /// stream, what was published after the last position delivered here, in order.
-    async fn gap_fill(self: &Arc<Self>) {
+    /// stream, what was published after the last position delivered here, in order. In a
+    /// cluster, for the channels subscribed on one master (`shard`).
+    async fn gap_fill(self: &Arc<Self>, shard: Option<&Arc<str>>) {
         let Some(sink) = lock(&self.state).sink.clone() else {
             return;
         };
@@ -1532,6 +1746,7 @@ impl Inner {
             st.channels
                 .iter()
                 .filter(|(_, c)| c.wanted && c.active)
+                .filter(|(_, c)| shard.is_none_or(|a| c.on.contains(a)))
                 .filter_map(|(n, c)| {
                     Some((
                         n.clone(),
@@ -1616,7 +1831,24 @@ impl Inner {
         let deadline = Deadline::now() + self.timeout;
         let sizes: Result<Vec<Option<i64>>, _> = self
             .run(deadline, "MEMORY USAGE", async |mut conn| {
-                pipe.query_async(&mut conn).await
+                if self.cluster.is_none() {
+                    return pipe.query_async(&mut conn).await;
+                }
+                // The streams live on different masters: one command each, all at once.
+                let each = keys.iter().map(|k| {
+                    let mut conn = conn.clone();
+                    async move {
+                        redis::cmd("MEMORY")
+                            .arg("USAGE")
+                            .arg(k)
+                            .query_async::<Option<i64>>(&mut conn)
+                            .await
+                    }
+                });
+                futures_util::future::join_all(each)
+                    .await
+                    .into_iter()
+                    .collect()
             })
             .await;
         if let Ok(sizes) = sizes {
@@ -1675,7 +1907,17 @@ impl Broker for RedisBroker {
                     .unwrap_or_else(PoisonError::into_inner) =
                     Some(tokio::spawn(self.inner.clone().run_heartbeat()));
                 let (tx, rx) = oneshot::channel();
-                *task = Some(tokio::spawn(self.inner.clone().run_subscriber(tx)));
+                if self.inner.cluster.is_some() {
+                    self.inner.start_cluster(tx);
+                    // A handle that ends with the broker (`stop` stops the cluster tasks).
+                    let inner = self.inner.clone();
+                    *task = Some(tokio::spawn(async move {
+                        let mut stopped = inner.cluster().stop_signal();
+                        let _ = stopped.wait_for(|s| *s).await;
+                    }));
+                } else {
+                    *task = Some(tokio::spawn(self.inner.clone().run_subscriber(tx)));
+                }
                 rx
             };
             // Wait briefly for the first connection; if Redis is not there yet the gateway
@@ -1697,20 +1939,22 @@ impl Broker for RedisBroker {
             .as_ref()
             .and_then(|h| h.topic(channel))
             .cloned();
+        let mut wake = Vec::new();
         let mut st = lock(&self.inner.state);
         let c = st.channels.entry(name.clone()).or_default();
         c.wanted = true;
         c.failed = false;
         c.history = history;
-        st.dirty.insert(name);
+        self.inner.mark_dirty(&mut st, name, &mut wake);
         drop(st);
-        self.inner.wake.notify_one();
+        self.inner.wake_after(wake);
     }
 
     fn channel_removed(&self, channel: &Channel) {
         let Some(name) = self.inner.subscribed_name(channel) else {
             return;
         };
+        let mut wake = Vec::new();
         let mut st = lock(&self.inner.state);
         if let Some(c) = st.channels.get_mut(&name) {
             c.wanted = false;
@@ -1718,11 +1962,11 @@ impl Broker for RedisBroker {
             if c.is_idle() {
                 st.channels.remove(&name);
             } else {
-                st.dirty.insert(name);
+                self.inner.mark_dirty(&mut st, name, &mut wake);
             }
         }
         drop(st);
-        self.inner.wake.notify_one();
+        self.inner.wake_after(wake);
     }
 
     fn confirmed(&self, channel: &Channel) -> BoxFuture<'_, Result<(), BrokerError>> {
@@ -1772,7 +2016,7 @@ impl Broker for RedisBroker {
         let payload = wire::encode(&channel.topic_name(), &message);
         if let Channel::Socket(id) = channel {
             let (first, fallback) = self.inner.direct_routes(*id);
-            return Box::pin(self.inner.clone().publish(first, payload, Some(fallback)));
+            return Box::pin(self.inner.clone().publish(first, payload, fallback));
         }
         Box::pin(self.inner.clone().publish(name, payload, None))
     }
@@ -1782,11 +2026,19 @@ impl Broker for RedisBroker {
         items: Vec<(Channel, Message)>,
     ) -> BoxFuture<'_, Vec<Result<(), BrokerError>>> {
         let publish = |name: String, payload: &[u8]| {
-            let mut cmd = redis::cmd("PUBLISH");
+            let mut cmd = redis::cmd(self.inner.publish_cmd);
             cmd.arg(name).arg(payload);
             cmd
         };
-        let commands: Vec<(redis::Cmd, Option<redis::Cmd>)> = items
+        // Only a cluster needs the slots (to split the pipeline).
+        let slot = |name: &str| {
+            if self.inner.cluster.is_some() {
+                slot_of(name.as_bytes())
+            } else {
+                0
+            }
+        };
+        let commands: Vec<(u16, redis::Cmd, Option<redis::Cmd>)> = items
             .iter()
             .map(|(channel, message)| {
                 let name = self.inner.channel_name(channel);
@@ -1794,8 +2046,10 @@ impl Broker for RedisBroker {
                 if let Channel::Socket(id) = channel {
                     let (first, fallback) = self.inner.direct_routes(*id);
                     let payload = wire::encode(&topic_name, message);
-                    return (publish(first, &payload), Some(publish(fallback, &payload)));
+                    let fallback = fallback.map(|f| publish(f, &payload));
+                    return (slot(&first), publish(first, &payload), fallback);
                 }
+                let slot = slot(&name);
                 let history = self.inner.history.as_ref().and_then(|h| h.topic(channel));
                 let cmd =
                     match history {
@@ -1805,7 +2059,7 @@ impl Broker for RedisBroker {
                         _ => None,
                     }
                     .unwrap_or_else(|| publish(name, &wire::encode(&topic_name, message)));
-                (cmd, None)
+                (slot, cmd, None)
             })
             .collect();
         Box::pin(self.inner.clone().publish_pipeline(commands))
@@ -1877,6 +2131,14 @@ impl Broker for RedisBroker {
             "socketTag": format!("{:08x}", self.inner.tag),
             "waitingForReplicas": self.inner.barrier().unwrap_or(0),
             "replicasSeen": self.inner.replicas_seen(),
+            "cluster": self.inner.cluster.as_ref().map(|c| {
+                let map = c.map();
+                json!({
+                    "masters": map.as_ref().map_or(0, |m| m.masters().len()),
+                    "slotsCovered": map.as_ref().map_or(0, |m| m.covered()),
+                    "shardSubscribers": c.shards(),
+                })
+            }),
         })
     }
 
@@ -1896,6 +2158,9 @@ impl Broker for RedisBroker {
                 .take()
             {
                 h.abort();
+            }
+            if self.inner.cluster.is_some() {
+                self.inner.stop_cluster(self.inner.timeout * 2).await;
             }
             if let Some(task) = task {
                 let abort = task.abort_handle();
@@ -1943,6 +2208,7 @@ mod tests {
             ca_pem: None,
             history: None,
             sentinel: None,
+            cluster: None,
         };
         RedisBroker::new(settings, Metrics::new().broker, None).unwrap()
     }
