@@ -6,7 +6,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 use wsgate_tests::{Client, ProcessGateway, RedisCluster, wait_ready};
 
 const PREFIX: &str = "cl";
@@ -113,5 +112,145 @@ async fn topics_on_every_shard_reach_every_replica() {
     for c in &mut clients {
         assert_eq!(c.next_text().await, "all");
     }
+    let _: Vec<Client> = clients;
+}
+
+/// Publishes `m{n}` to `topic` every 20 ms, alternating gateways, running `disrupt` after 20
+/// messages; stops once 40 messages were accepted after it (bounded by 60 s). Returns the
+/// accepted messages, how many were refused (503/504), and how long after the disruption
+/// publishing was accepted again.
+async fn publish_through(
+    gws: &[ProcessGateway],
+    topic: &str,
+    disrupt: impl FnOnce(),
+) -> (Vec<String>, usize, Duration) {
+    let mut disrupt = Some(disrupt);
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    let mut disrupted_at: Option<Instant> = None;
+    let mut resumed_after = None;
+    let mut after = 0;
+    let limit = Instant::now() + Duration::from_secs(60);
+    let mut n = 0u32;
+    while Instant::now() < limit {
+        if n == 20
+            && let Some(d) = disrupt.take()
+        {
+            d();
+            disrupted_at = Some(Instant::now());
+        }
+        let text = format!("m{n}");
+        match gws[(n % 2) as usize].http().publish_status(topic, &text).await {
+            200 => {
+                accepted.push(text);
+                if let Some(at) = disrupted_at {
+                    after += 1;
+                    resumed_after.get_or_insert_with(|| at.elapsed());
+                }
+            }
+            503 | 504 => refused += 1,
+            other => panic!("publish answered {other}"),
+        }
+        n += 1;
+        if after >= 40 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resumed = resumed_after.expect("publishing never resumed");
+    (accepted, refused, resumed)
+}
+
+/// Every message in `want` reaches each client, none twice.
+async fn expect_all(clients: &mut [Client], want: &[String]) {
+    let want: BTreeSet<String> = want.iter().cloned().collect();
+    for c in clients {
+        let mut got = BTreeSet::new();
+        while !want.is_subset(&got) {
+            let text = c.next_text().await;
+            assert!(got.insert(text.clone()), "{text} twice");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_is_replaced_and_its_topics_lose_no_acknowledged_message() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let gws = gateways(&cluster, 2, &[]).await;
+    let topic = "failover";
+    let ch = channel(topic);
+    let victim = cluster.master_of(&ch);
+    let mut clients = Vec::new();
+    for gw in &gws {
+        for _ in 0..2 {
+            let mut c = gw.client().await;
+            c.join(topic).await;
+            clients.push(c);
+        }
+    }
+    let (accepted, refused, resumed) =
+        publish_through(&gws, topic, || cluster.kill(victim)).await;
+    println!(
+        "cluster failover: publishes accepted again {resumed:?} after the master was killed; \
+         {refused} refused (503/504) meanwhile, {} accepted in all",
+        accepted.len()
+    );
+    expect_all(&mut clients, &accepted).await;
+    // The promoted replica holds exactly the gateways' subscriptions, without any client
+    // having done anything.
+    let owner = cluster.master_of(&ch);
+    assert_ne!(owner, victim);
+    wait_until("both replicas subscribed on the new master", Duration::from_secs(30), || {
+        cluster.shard_numsub(owner, std::slice::from_ref(&ch))[&ch] == 2
+    })
+    .await;
+    let _: Vec<Client> = clients;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moved_under_live_subscribers_keeps_every_subscription() {
+    let cluster = RedisCluster::start(3, 1);
+    let gws = gateways(&cluster, 2, &["--history-topics", "hist:*"]).await;
+    let plain = "moving";
+    let hist = "hist:moving";
+    let mut clients = Vec::new();
+    for gw in &gws {
+        let mut c = gw.client().await;
+        c.join(plain).await;
+        c.join(hist).await;
+        clients.push(c);
+    }
+    for t in [plain, hist] {
+        let ch = channel(t);
+        let slot = wsgate::broker::redis::slot_of(ch.as_bytes());
+        let from = cluster.master_of(&ch);
+        let to = *cluster.masters().iter().find(|m| **m != from).unwrap();
+        // A history topic's stream and position move with the slot (same hash tag).
+        gws[0].http().publish(t, "before").await;
+        for c in &mut clients {
+            assert_eq!(c.next_text().await, "before");
+        }
+        cluster.migrate_slot(slot, to);
+        wait_until("both replicas subscribed on the new master", Duration::from_secs(30), || {
+            cluster.shard_numsub(to, std::slice::from_ref(&ch))[&ch] == 2
+                && cluster.shard_numsub(from, std::slice::from_ref(&ch))[&ch] == 0
+        })
+        .await;
+        for gw in &gws {
+            gw.http().publish(t, &format!("after from {}", gw.http().url(""))).await;
+        }
+        for c in &mut clients {
+            let mut got = BTreeSet::new();
+            got.insert(c.next_text().await);
+            got.insert(c.next_text().await);
+            assert_eq!(got.len(), 2);
+        }
+    }
+    // The history moved along: a recovery from the first message finds the rest.
+    let mut late = gws[1].client().await;
+    let ack = late
+        .join_since(hist, serde_json::json!({"offset": 0, "epoch": "none"}))
+        .await;
+    assert_eq!(ack["offset"], 3, "{ack}");
     let _: Vec<Client> = clients;
 }
