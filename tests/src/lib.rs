@@ -4,6 +4,7 @@
 //! ([`webdriver`]). Everything spawned is killed on drop.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
+pub mod churn;
 mod proxy;
 mod redis_cluster;
 mod redis_server;

@@ -6,6 +6,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+use wsgate_tests::churn::{
+    expected_numsub, expected_state, sharded, simulation, socket_tags, wait_local_counts,
+};
 use wsgate_tests::{Client, ProcessGateway, RedisCluster, wait_ready};
 
 const PREFIX: &str = "cl";
@@ -140,7 +143,11 @@ async fn publish_through(
             disrupted_at = Some(Instant::now());
         }
         let text = format!("m{n}");
-        match gws[(n % 2) as usize].http().publish_status(topic, &text).await {
+        match gws[(n % 2) as usize]
+            .http()
+            .publish_status(topic, &text)
+            .await
+        {
             200 => {
                 accepted.push(text);
                 if let Some(at) = disrupted_at {
@@ -188,8 +195,7 @@ async fn a_killed_master_is_replaced_and_its_topics_lose_no_acknowledged_message
             clients.push(c);
         }
     }
-    let (accepted, refused, resumed) =
-        publish_through(&gws, topic, || cluster.kill(victim)).await;
+    let (accepted, refused, resumed) = publish_through(&gws, topic, || cluster.kill(victim)).await;
     println!(
         "cluster failover: publishes accepted again {resumed:?} after the master was killed; \
          {refused} refused (503/504) meanwhile, {} accepted in all",
@@ -200,9 +206,11 @@ async fn a_killed_master_is_replaced_and_its_topics_lose_no_acknowledged_message
     // having done anything.
     let owner = cluster.master_of(&ch);
     assert_ne!(owner, victim);
-    wait_until("both replicas subscribed on the new master", Duration::from_secs(30), || {
-        cluster.shard_numsub(owner, std::slice::from_ref(&ch))[&ch] == 2
-    })
+    wait_until(
+        "both replicas subscribed on the new master",
+        Duration::from_secs(30),
+        || cluster.shard_numsub(owner, std::slice::from_ref(&ch))[&ch] == 2,
+    )
     .await;
     let _: Vec<Client> = clients;
 }
@@ -231,13 +239,19 @@ async fn a_slot_moved_under_live_subscribers_keeps_every_subscription() {
             assert_eq!(c.next_text().await, "before");
         }
         cluster.migrate_slot(slot, to);
-        wait_until("both replicas subscribed on the new master", Duration::from_secs(30), || {
-            cluster.shard_numsub(to, std::slice::from_ref(&ch))[&ch] == 2
-                && cluster.shard_numsub(from, std::slice::from_ref(&ch))[&ch] == 0
-        })
+        wait_until(
+            "both replicas subscribed on the new master",
+            Duration::from_secs(30),
+            || {
+                cluster.shard_numsub(to, std::slice::from_ref(&ch))[&ch] == 2
+                    && cluster.shard_numsub(from, std::slice::from_ref(&ch))[&ch] == 0
+            },
+        )
         .await;
         for gw in &gws {
-            gw.http().publish(t, &format!("after from {}", gw.http().url(""))).await;
+            gw.http()
+                .publish(t, &format!("after from {}", gw.http().url("")))
+                .await;
         }
         for c in &mut clients {
             let mut got = BTreeSet::new();
@@ -253,4 +267,92 @@ async fn a_slot_moved_under_live_subscribers_keeps_every_subscription() {
         .await;
     assert_eq!(ack["offset"], 3, "{ack}");
     let _: Vec<Client> = clients;
+}
+
+/// Polls every running node until the shard channels under the prefix are exactly `want`,
+/// each subscribed on its slot's master only, with the expected number of subscribers.
+async fn wait_shard_bookkeeping(cluster: &RedisCluster, want: &HashMap<String, i64>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut seen: BTreeSet<(String, usize, i64)> = BTreeSet::new();
+        for i in 0..cluster.nodes.len() {
+            if !cluster.nodes[i].is_running() {
+                continue;
+            }
+            let chans = cluster.shard_channels(i, &format!("{PREFIX}:*"));
+            if chans.is_empty() {
+                continue;
+            }
+            for (ch, n) in cluster.shard_numsub(i, &chans) {
+                if n > 0 {
+                    seen.insert((ch, i, n));
+                }
+            }
+        }
+        let expected: BTreeSet<(String, usize, i64)> = want
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(ch, n)| (ch.clone(), cluster.master_of(ch), *n))
+            .collect();
+        if seen == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "shard bookkeeping never converged: unexpected {:?}, missing {:?}",
+            seen.difference(&expected).collect::<Vec<_>>(),
+            expected.difference(&seen).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_subscriptions_equal_local_topics_after_random_churn_across_a_frozen_master() {
+    let cluster = RedisCluster::start(3, 1);
+    let gws = gateways(&cluster, 2, &[]).await;
+    let tags = socket_tags(&gws).await;
+    let (mut sims, mut churn) = simulation(20, 2, 30, 17);
+    let mut ops = 0;
+    for _ in 0..800 {
+        churn.step(&mut sims, &gws, true).await;
+        ops += 1;
+    }
+    // Freeze a master for 3 s: its replica takes over after 1 s. Churn goes on meanwhile
+    // without waiting for acknowledgements (joins on its slots cannot be confirmed).
+    let victim = cluster.masters()[0];
+    cluster.nodes[victim].signal("-STOP");
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until && ops < 1600 {
+        churn.step(&mut sims, &gws, false).await;
+        ops += 1;
+        // Spread over the whole freeze (bounded by count and time).
+        tokio::time::sleep(Duration::from_millis(4)).await;
+    }
+    cluster.nodes[victim].signal("-CONT");
+    cluster.wait_settled(Duration::from_secs(60));
+    println!(
+        "frozen master failed over: {}; {ops} operations so far",
+        !cluster.masters().contains(&victim)
+    );
+    for gw in &gws {
+        wait_ready(&gw.http(), 200).await;
+    }
+    while ops < 2000 {
+        churn.step(&mut sims, &gws, true).await;
+        ops += 1;
+    }
+    let per = expected_state(&sims, gws.len());
+    wait_local_counts(&gws, &per).await;
+    let want = sharded(PREFIX, expected_numsub(PREFIX, &per, &tags, false));
+    wait_shard_bookkeeping(&cluster, &want).await;
+    // Everyone leaves: nothing may be left behind on any node.
+    for s in &mut sims {
+        s.client = None;
+        s.joined.clear();
+    }
+    let per = expected_state(&sims, gws.len());
+    wait_local_counts(&gws, &per).await;
+    let want = sharded(PREFIX, expected_numsub(PREFIX, &per, &tags, false));
+    wait_shard_bookkeeping(&cluster, &want).await;
 }

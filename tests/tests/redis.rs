@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
+use wsgate_tests::churn::{
+    expected_numsub, expected_state, simulation, socket_tags, wait_local_counts,
+};
 use wsgate_tests::{
     Client, DEADLINE, Http, ProcessGateway, RawClient, Received, RedisServer, TcpProxy, fleet,
     metric, wait_ready,
@@ -128,52 +131,6 @@ async fn fleets_with_different_prefixes_never_see_each_others_messages() {
     assert_eq!(redis.numsub("beta:shared"), 1);
 }
 
-/// The socket tag of each gateway: the first 32 bits of its socket ids, naming its direct
-/// channel.
-async fn socket_tags(gws: &[ProcessGateway]) -> Vec<String> {
-    let mut tags = Vec::new();
-    for gw in gws {
-        let stats = gw.http().stats().await;
-        tags.push(stats["broker"]["socketTag"].as_str().unwrap().to_owned());
-    }
-    tags
-}
-
-/// The channels each gateway should hold: its topics, its direct channel, the broadcast
-/// channel, and with `per_socket` one channel per connection.
-fn expected_numsub(
-    prefix: &str,
-    per_gateway: &[(BTreeSet<String>, BTreeSet<String>)],
-    tags: &[String],
-    per_socket: bool,
-) -> HashMap<String, i64> {
-    let mut want: HashMap<String, i64> = HashMap::new();
-    for ((topics, sockets), tag) in per_gateway.iter().zip(tags) {
-        for t in topics {
-            *want.entry(format!("{prefix}:{t}")).or_default() += 1;
-        }
-        for s in sockets {
-            assert!(
-                s.starts_with(tag.as_str()),
-                "socket {s} of the replica tagged {tag}"
-            );
-            if per_socket {
-                *want.entry(format!("{prefix}:__socket__:{s}")).or_default() += 1;
-            }
-        }
-        // Every replica listens on the replicas channel and its direct channel, whatever its
-        // clients do.
-        *want.entry(format!("{prefix}:__replicas__")).or_default() += 1;
-        *want
-            .entry(format!("{prefix}:__direct__:{tag}"))
-            .or_default() += 1;
-        if !sockets.is_empty() {
-            *want.entry(format!("{prefix}:__broadcast__")).or_default() += 1;
-        }
-    }
-    want
-}
-
 /// Polls Redis until every channel has exactly the expected number of subscribers (and no
 /// other channel under the prefix has any).
 async fn wait_bookkeeping(redis: &RedisServer, prefix: &str, want: &HashMap<String, i64>) {
@@ -196,93 +153,6 @@ async fn wait_bookkeeping(redis: &RedisServer, prefix: &str, want: &HashMap<Stri
             "bookkeeping never converged: {mismatches:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-struct Churn {
-    rng: StdRng,
-    topics: Vec<String>,
-}
-
-/// One simulated client: which gateway, its socket and its joined topics.
-struct Sim {
-    gw: usize,
-    client: Option<Client>,
-    joined: BTreeSet<String>,
-}
-
-impl Churn {
-    async fn step(&mut self, sims: &mut [Sim], gws: &[ProcessGateway], acked: bool) {
-        let i = self.rng.random_range(0..sims.len());
-        let sim = &mut sims[i];
-        let roll = self.rng.random_range(0..100);
-        let Some(client) = sim.client.as_mut() else {
-            sim.client = Some(gws[sim.gw].client().await);
-            return;
-        };
-        if roll < 55 {
-            let t = self.topics[self.rng.random_range(0..self.topics.len())].clone();
-            if acked {
-                client.join(&t).await;
-            } else {
-                client
-                    .send_text(&json!({"type": "room.join", "room": t}).to_string())
-                    .await;
-            }
-            sim.joined.insert(t);
-        } else if roll < 90 {
-            if let Some(t) = sim.joined.iter().next().cloned() {
-                if acked {
-                    client.leave(&t).await;
-                } else {
-                    client
-                        .send_text(&json!({"type": "room.leave", "room": t}).to_string())
-                        .await;
-                }
-                sim.joined.remove(&t);
-            }
-        } else {
-            // Disconnect abruptly (no close handshake) and come back later.
-            sim.client = None;
-            sim.joined.clear();
-        }
-    }
-}
-
-/// `clients` simulated clients spread over `gateways`, churning over `topics` topics with a
-/// seeded random generator (the same seed replays the same operations).
-fn simulation(clients: usize, gateways: usize, topics: usize, seed: u64) -> (Vec<Sim>, Churn) {
-    let sims = (0..clients)
-        .map(|i| Sim {
-            gw: i % gateways,
-            client: None,
-            joined: BTreeSet::new(),
-        })
-        .collect();
-    let churn = Churn {
-        rng: StdRng::seed_from_u64(seed),
-        topics: (0..topics).map(|i| format!("topic-{i}")).collect(),
-    };
-    (sims, churn)
-}
-
-fn expected_state(sims: &[Sim], n_gws: usize) -> Vec<(BTreeSet<String>, BTreeSet<String>)> {
-    let mut per = vec![(BTreeSet::new(), BTreeSet::new()); n_gws];
-    for s in sims {
-        if let Some(c) = &s.client {
-            per[s.gw].0.extend(s.joined.iter().cloned());
-            per[s.gw].1.insert(c.socket_id.clone());
-        }
-    }
-    per
-}
-
-async fn wait_local_counts(gws: &[ProcessGateway], per: &[(BTreeSet<String>, BTreeSet<String>)]) {
-    for (gw, (_, sockets)) in gws.iter().zip(per) {
-        let n = sockets.len() as u64;
-        gw.http()
-            .wait_stats("connections settle", |s| s["connections"] == n)
-            .await;
     }
 }
 
