@@ -5,12 +5,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 pub mod churn;
+pub mod hostile;
 mod proxy;
 mod redis_cluster;
+mod redis_sentinel;
 mod redis_server;
 pub mod webdriver;
 pub use proxy::TcpProxy;
 pub use redis_cluster::RedisCluster;
+pub use redis_sentinel::{SENTINEL_MASTER, SentinelGroup, info_field};
 pub use redis_server::RedisServer;
 
 use std::net::SocketAddr;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use wsgate_tests::churn::{
     expected_numsub, expected_state, sharded, simulation, socket_tags, wait_local_counts,
 };
+use wsgate_tests::hostile::{expect_rejected_then_good, forged_announcements, hostile_envelopes};
 use wsgate_tests::{Client, ProcessGateway, RedisCluster, wait_ready};
 
 const PREFIX: &str = "cl";
@@ -355,4 +356,28 @@ async fn shard_subscriptions_equal_local_topics_after_random_churn_across_a_froz
     wait_local_counts(&gws, &per).await;
     let want = sharded(PREFIX, expected_numsub(PREFIX, &per, &tags, false));
     wait_shard_bookkeeping(&cluster, &want).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_payloads_on_shard_channels_are_counted_and_good_messages_keep_flowing() {
+    let cluster = RedisCluster::start(3, 1);
+    let gws = gateways(&cluster, 1, &["--max-message-bytes", "1000"]).await;
+    let mut c = gws[0].client().await;
+    c.join("t").await;
+    let bad = hostile_envelopes();
+    for p in &bad {
+        assert_eq!(cluster.spublish(&channel("t"), p), 1);
+    }
+    let forged = forged_announcements();
+    for p in &forged {
+        assert_eq!(cluster.spublish(&channel("__replicas__"), p), 1);
+    }
+    // A plain PUBLISH (a seed instance's) reaches no shard subscriber: not even counted.
+    for node in &cluster.nodes {
+        let seed = br#"{"topic":"t","message":"seed","isBinary":false}"#;
+        assert_eq!(node.publish(&format!("{PREFIX}:t"), seed), 0);
+    }
+    let good = br#"{"topic":"t","message":"good","isBinary":false}"#;
+    cluster.spublish(&channel("t"), good);
+    expect_rejected_then_good(&gws[0].http(), &mut c, bad.len() + forged.len()).await;
 }

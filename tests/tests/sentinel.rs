@@ -7,76 +7,25 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use wsgate_tests::{Client, ProcessGateway, RedisServer, wait_ready};
-
-const MASTER: &str = "wsgate-master";
-
-/// Polls `check` every 50 ms until it holds, within `limit`.
-fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}: never happened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn info_field(server: &RedisServer, section: &str, field: &str) -> Option<String> {
-    let mut c = redis::Client::open(server.url())
-        .ok()?
-        .get_connection()
-        .ok()?;
-    let info: String = redis::cmd("INFO").arg(section).query(&mut c).ok()?;
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .map(|v| v.trim().to_owned())
-}
-
-/// What a sentinel knows of the master: (other sentinels, replicas).
-fn sentinel_view(sentinel: &RedisServer) -> Option<(i64, i64)> {
-    let mut c = redis::Client::open(sentinel.url())
-        .ok()?
-        .get_connection()
-        .ok()?;
-    let fields: Vec<String> = redis::cmd("SENTINEL")
-        .arg("MASTER")
-        .arg(MASTER)
-        .query(&mut c)
-        .ok()?;
-    let get = |name: &str| {
-        fields
-            .chunks(2)
-            .find(|kv| kv[0] == name)
-            .and_then(|kv| kv[1].parse().ok())
-    };
-    Some((get("num-other-sentinels")?, get("num-slaves")?))
-}
+use wsgate_tests::hostile::{expect_rejected_then_good, forged_announcements, hostile_envelopes};
+use wsgate_tests::{
+    Client, ProcessGateway, SENTINEL_MASTER, SentinelGroup, info_field, wait_ready,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_failover_loses_no_acknowledged_message() {
-    let mut master = RedisServer::start();
-    let replica = RedisServer::start_replica_of(master.port());
-    wait_for("the replica's link", Duration::from_secs(20), || {
-        info_field(&replica, "replication", "master_link_status").as_deref() == Some("up")
-    });
-    let sentinels: Vec<RedisServer> = (0..3)
-        .map(|_| RedisServer::start_sentinel(master.port(), MASTER))
-        .collect();
-    // Sentinels find each other and the replica through the master (hello every 2 s).
-    for s in &sentinels {
-        wait_for("the sentinels' view", Duration::from_secs(30), || {
-            sentinel_view(s) == Some((2, 1))
-        });
-    }
-    let addrs: Vec<String> = sentinels
-        .iter()
-        .map(|s| format!("127.0.0.1:{}", s.port()))
-        .collect();
-    let list = addrs.join(",");
+    let group = SentinelGroup::start();
+    let list = group.sentinel_list();
+    let SentinelGroup {
+        mut master,
+        replica,
+        sentinels: _sentinels,
+    } = group;
     let args = [
         "--redis-sentinels",
         list.as_str(),
         "--redis-sentinel-master",
-        MASTER,
+        SENTINEL_MASTER,
         "--key-prefix",
         "sent",
         "--connect-timeout-ms",
@@ -156,4 +105,37 @@ async fn a_master_failover_loses_no_acknowledged_message() {
         Some("master")
     );
     let _: Vec<Client> = clients;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_payloads_through_sentinel_are_counted_and_good_messages_keep_flowing() {
+    let group = SentinelGroup::start();
+    let list = group.sentinel_list();
+    let gw = ProcessGateway::spawn(&[
+        "--redis-sentinels",
+        list.as_str(),
+        "--redis-sentinel-master",
+        SENTINEL_MASTER,
+        "--key-prefix",
+        "bad",
+        "--max-message-bytes",
+        "1000",
+    ])
+    .await;
+    wait_ready(&gw.http(), 200).await;
+    let mut c = gw.client().await;
+    c.join("t").await;
+    let bad = hostile_envelopes();
+    for p in &bad {
+        assert_eq!(group.master.publish("bad:t", p), 1);
+    }
+    let forged = forged_announcements();
+    for p in &forged {
+        assert_eq!(group.master.publish("bad:__replicas__", p), 1);
+    }
+    group.master.publish(
+        "bad:t",
+        br#"{"topic":"t","message":"good","isBinary":false}"#,
+    );
+    expect_rejected_then_good(&gw.http(), &mut c, bad.len() + forged.len()).await;
 }
