@@ -255,11 +255,13 @@ impl ServiceType {
     }
 }
 
-/// Where the gateways find Redis: exactly one of `url` and `urlSecretRef`; or `sentinel`, with
-/// at most one of them for the credentials, database and TLS setting.
+/// Where the gateways find Redis: exactly one of `url` and `urlSecretRef`; or `sentinel` or
+/// `cluster` (not both), with at most one of them for the credentials and TLS setting.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[x_kube(
-    validation = Rule::new("has(self.sentinel) ? !(has(self.url) && has(self.urlSecretRef)) : has(self.url) != has(self.urlSecretRef)").message("set exactly one of redis.url and redis.urlSecretRef")
+    validation = Rule::new("(has(self.sentinel) || has(self.cluster)) ? !(has(self.url) && has(self.urlSecretRef)) : has(self.url) != has(self.urlSecretRef)").message("set exactly one of redis.url and redis.urlSecretRef"),
+    validation = Rule::new("!(has(self.sentinel) && has(self.cluster))").message("set at most one of redis.sentinel and redis.cluster"),
+    validation = Rule::new("!has(self.cluster) || !has(self.socketChannels) || self.socketChannels == 'PerReplica'").message("redis.cluster uses sharded pub/sub, which seed instances cannot share: socketChannels must be PerReplica")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct RedisSpec {
@@ -278,6 +280,12 @@ pub struct RedisSpec {
     /// user, password, database and TLS setting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sentinel: Option<SentinelSpec>,
+
+    /// Redis Cluster: topics use sharded pub/sub (Redis 7 or later), so each topic's traffic
+    /// touches only its shard. `url` / `urlSecretRef`, if set, then supply only the user,
+    /// password and TLS setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterSpec>,
 
     /// How direct messages (`/api/send`, `/api/disconnect`) reach a connection's pod:
     /// `PerReplica` (the default: one Redis channel per pod, nothing subscribed per
@@ -300,6 +308,18 @@ pub struct SentinelSpec {
     /// The master's name in the sentinels' `sentinel monitor`.
     #[schemars(length(min = 1, max = 256))]
     pub master_name: String,
+}
+
+/// Redis Cluster settings (the gateway's `--redis-cluster-nodes`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterSpec {
+    /// `host:port` of some nodes of the cluster (any of them tells where the others are).
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(regex(pattern = r"^[^\s:,]+:[0-9]{1,5}$"))
+    )]
+    pub nodes: Vec<String>,
 }
 
 /// How direct messages (`/api/send`, `/api/disconnect`) reach a connection's pod (the

@@ -119,28 +119,50 @@ pub fn validate_spec(spec: &WsClusterSpec) -> Result<(), InvalidSpec> {
         ));
     }
     if let Some(redis) = &spec.redis {
-        if let Some(sentinel) = &redis.sentinel {
-            let host_port = |s: &str| {
-                s.rsplit_once(':').is_some_and(|(host, port)| {
-                    !host.is_empty()
-                        && !host.contains([',', ' '])
-                        && port.parse::<u16>().is_ok_and(|p| p > 0)
-                })
-            };
-            if sentinel.hosts.is_empty()
-                || sentinel.hosts.len() > 16
-                || !sentinel.hosts.iter().all(|h| host_port(h))
-                || sentinel.master_name.is_empty()
-                || sentinel.master_name.len() > 256
+        let host_port = |s: &str| {
+            s.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty()
+                    && !host.contains([',', ' '])
+                    && port.parse::<u16>().is_ok_and(|p| p > 0)
+            })
+        };
+        if let Some(cluster) = &redis.cluster {
+            if redis.sentinel.is_some() {
+                return Err(InvalidSpec::new(
+                    "InvalidRedis",
+                    "set at most one of redis.sentinel and redis.cluster",
+                ));
+            }
+            if cluster.nodes.is_empty()
+                || cluster.nodes.len() > 64
+                || !cluster.nodes.iter().all(|h| host_port(h))
             {
                 return Err(InvalidSpec::new(
                     "InvalidRedis",
-                    "spec.redis.sentinel needs 1 to 16 hosts as host:port and a masterName",
+                    "spec.redis.cluster needs 1 to 64 nodes as host:port",
+                ));
+            }
+            if redis.socket_channels == Some(crate::crd::SocketChannels::PerSocket) {
+                return Err(InvalidSpec::new(
+                    "InvalidRedis",
+                    "redis.cluster uses sharded pub/sub, which seed instances cannot share: socketChannels must be PerReplica",
                 ));
             }
         }
+        if let Some(sentinel) = &redis.sentinel
+            && (sentinel.hosts.is_empty()
+                || sentinel.hosts.len() > 16
+                || !sentinel.hosts.iter().all(|h| host_port(h))
+                || sentinel.master_name.is_empty()
+                || sentinel.master_name.len() > 256)
+        {
+            return Err(InvalidSpec::new(
+                "InvalidRedis",
+                "spec.redis.sentinel needs 1 to 16 hosts as host:port and a masterName",
+            ));
+        }
         match (&redis.url, &redis.url_secret_ref) {
-            (None, None) if redis.sentinel.is_some() => {}
+            (None, None) if redis.sentinel.is_some() || redis.cluster.is_some() => {}
             (Some(_), Some(_)) | (None, None) => {
                 return Err(InvalidSpec::new(
                     "InvalidRedis",
@@ -220,6 +242,7 @@ mod tests {
             url_secret_ref: None,
             socket_channels: None,
             sentinel: None,
+            cluster: None,
         })
     }
 
@@ -295,6 +318,7 @@ mod tests {
                         hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
                         master_name: master.to_owned(),
                     }),
+                    cluster: None,
                 }),
                 ..WsClusterSpec::default()
             })
@@ -316,6 +340,46 @@ mod tests {
                 Some("InvalidRedis"),
                 "{hosts:?} {master:?}"
             );
+        }
+    }
+
+    #[test]
+    fn cluster_needs_nodes_excludes_sentinel_and_per_socket_channels() {
+        use crate::crd::{ClusterSpec, SentinelSpec, SocketChannels};
+        let spec = |nodes: &[&str], sentinel: bool, mode: Option<SocketChannels>| WsClusterSpec {
+            replicas: 3,
+            redis: Some(RedisSpec {
+                url: None,
+                url_secret_ref: None,
+                socket_channels: mode,
+                sentinel: sentinel.then(|| SentinelSpec {
+                    hosts: vec!["s:26379".into()],
+                    master_name: "m".into(),
+                }),
+                cluster: Some(ClusterSpec {
+                    nodes: nodes.iter().map(|h| (*h).to_owned()).collect(),
+                }),
+            }),
+            ..WsClusterSpec::default()
+        };
+        let check = |s: WsClusterSpec| validate_spec(&s).err().map(|e| e.reason);
+        assert_eq!(
+            check(spec(&["r-0.r:6379", "r-1.r:6379"], false, None)),
+            None
+        );
+        assert_eq!(
+            check(spec(&["r:6379"], false, Some(SocketChannels::PerReplica))),
+            None
+        );
+        for bad in [
+            spec(&[], false, None),
+            spec(&["r"], false, None),
+            spec(&["r:0"], false, None),
+            spec(&["a b:1"], false, None),
+            spec(&["r:6379"], true, None),
+            spec(&["r:6379"], false, Some(SocketChannels::PerSocket)),
+        ] {
+            assert_eq!(check(bad.clone()), Some("InvalidRedis"), "{bad:?}");
         }
     }
 
@@ -418,6 +482,7 @@ mod tests {
                 }),
                 socket_channels: None,
                 sentinel: None,
+                cluster: None,
             }),
             ..WsClusterSpec::default()
         };

@@ -278,6 +278,7 @@ fn redis() -> Option<RedisSpec> {
         url_secret_ref: None,
         socket_channels: None,
         sentinel: None,
+        cluster: None,
     })
 }
 

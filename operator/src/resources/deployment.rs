@@ -298,6 +298,9 @@ fn env(wsc: &WsCluster, id: &Identity) -> Vec<EnvVar> {
                 sentinel.master_name.clone(),
             ));
         }
+        if let Some(cluster) = &redis.cluster {
+            env.push(plain("WSGATE_REDIS_CLUSTER_NODES", cluster.nodes.join(",")));
+        }
         if let Some(mode) = redis.socket_channels {
             env.push(plain("WSGATE_SOCKET_CHANNELS", mode.flag_value().into()));
         }
@@ -478,6 +481,7 @@ mod tests {
                 url_secret_ref: None,
                 socket_channels: None,
                 sentinel: None,
+                cluster: None,
             }),
             autoscaling: Some(AutoscalingSpec {
                 min_replicas: 2,
@@ -544,6 +548,7 @@ mod tests {
                 url_secret_ref: None,
                 socket_channels: None,
                 sentinel: None,
+                cluster: None,
             }),
             ..Default::default()
         });
@@ -561,6 +566,7 @@ mod tests {
                 }),
                 socket_channels: None,
                 sentinel: None,
+                cluster: None,
             }),
             ..Default::default()
         });
@@ -675,6 +681,7 @@ mod tests {
                     hosts: vec!["s1:26379".into(), "s2:26379".into()],
                     master_name: "chat".into(),
                 }),
+                cluster: None,
             }),
             ..Default::default()
         });
@@ -690,6 +697,31 @@ mod tests {
     }
 
     #[test]
+    fn cluster_nodes_are_passed_with_the_url_for_credentials() {
+        let d = build(WsClusterSpec {
+            redis: Some(RedisSpec {
+                url: None,
+                url_secret_ref: Some(SecretKeyRef {
+                    name: "redis".into(),
+                    key: "url".into(),
+                }),
+                socket_channels: None,
+                sentinel: None,
+                cluster: Some(crate::crd::ClusterSpec {
+                    nodes: vec!["r-0.r:6379".into(), "r-1.r:6379".into()],
+                }),
+            }),
+            ..Default::default()
+        });
+        assert_eq!(
+            env_value(&d, "WSGATE_REDIS_CLUSTER_NODES").as_deref(),
+            Some("r-0.r:6379,r-1.r:6379")
+        );
+        assert_eq!(env_value(&d, "WSGATE_REDIS_SENTINELS"), None);
+        assert!(env_map(&d).contains_key("WSGATE_REDIS_URL"));
+    }
+
+    #[test]
     fn the_socket_channel_mode_is_passed_only_when_set() {
         let redis = |mode| {
             build(WsClusterSpec {
@@ -698,6 +730,7 @@ mod tests {
                     url_secret_ref: None,
                     socket_channels: mode,
                     sentinel: None,
+                    cluster: None,
                 }),
                 ..Default::default()
             })

@@ -118,6 +118,7 @@ mod tests {
                 url_secret_ref: None,
                 socket_channels: None,
                 sentinel: None,
+                cluster: None,
             }),
             autoscaling: Some(AutoscalingSpec {
                 min_replicas: 2,

@@ -465,7 +465,7 @@ impl Inner {
                 }
                 Err(e) => {
                     failures += 1;
-                    if failures == 1 || failures % 50 == 0 {
+                    if failures == 1 || failures.is_multiple_of(50) {
                         tracing::warn!(error = %e, "could not read the Redis Cluster slot map");
                     }
                 }
