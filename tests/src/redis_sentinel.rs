@@ -79,6 +79,20 @@ impl SentinelGroup {
         }
     }
 
+    /// The port of the master the first sentinel names now.
+    pub fn named_master_port(&self) -> Option<u16> {
+        let mut c = redis::Client::open(self.sentinels[0].url())
+            .ok()?
+            .get_connection()
+            .ok()?;
+        let (_, port): (String, u16) = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(SENTINEL_MASTER)
+            .query(&mut c)
+            .ok()?;
+        Some(port)
+    }
+
     /// `host:port` of every sentinel, comma-separated (for `--redis-sentinels`).
     pub fn sentinel_list(&self) -> String {
         self.sentinels

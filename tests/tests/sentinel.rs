@@ -139,3 +139,62 @@ async fn hostile_payloads_through_sentinel_are_counted_and_good_messages_keep_fl
     );
     expect_rejected_then_good(&gw.http(), &mut c, bad.len() + forged.len()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_master_is_left_as_soon_as_the_sentinels_switch() {
+    let group = SentinelGroup::start();
+    let list = group.sentinel_list();
+    let args = [
+        "--redis-sentinels",
+        list.as_str(),
+        "--redis-sentinel-master",
+        SENTINEL_MASTER,
+        "--key-prefix",
+        "frozen",
+        "--connect-timeout-ms",
+        "500",
+    ];
+    let gws = [
+        ProcessGateway::spawn(&args).await,
+        ProcessGateway::spawn(&args).await,
+    ];
+    for gw in &gws {
+        wait_ready(&gw.http(), 200).await;
+    }
+    // The subscriber is on the replica that never publishes: its connections to the old
+    // master are idle, so only the sentinels' announcement can tell it to leave.
+    let mut c = gws[1].client().await;
+    c.join("t").await;
+    // Frozen, not dead: its connections stay open and silent.
+    group.master.signal("-STOP");
+    let replica_port = group.replica.port();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while group.named_master_port() != Some(replica_port) {
+        assert!(Instant::now() < deadline, "the sentinels never switched");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let switched = Instant::now();
+    let mut accepted = Vec::new();
+    let mut n = 0;
+    while accepted.len() < 20 {
+        assert!(
+            switched.elapsed() < Duration::from_secs(30),
+            "publishing never resumed"
+        );
+        let text = format!("m{n}");
+        n += 1;
+        match gws[0].http().publish_status("t", &text).await {
+            200 => accepted.push(text),
+            503 | 504 => tokio::time::sleep(Duration::from_millis(20)).await,
+            other => panic!("publish answered {other}"),
+        }
+    }
+    // Every message answered 2xx reached the subscriber on the other replica.
+    let want: BTreeSet<String> = accepted.into_iter().collect();
+    let mut got = BTreeSet::new();
+    while !want.is_subset(&got) {
+        got.insert(c.next_text().await);
+    }
+    assert_eq!(group.replica.numsub("frozen:t"), 1);
+    group.master.signal("-CONT");
+}

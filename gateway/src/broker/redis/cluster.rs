@@ -666,16 +666,13 @@ impl Inner {
             tracing::warn!(node = %addr, error = %e, "Redis Cluster resubscribe failed");
             return "command failed";
         }
-        // Confirmations first; live messages wait until the history gap is filled.
+        // Confirmations first (the history gap was filled by the sync); live messages after.
         let mut held = Vec::new();
         while let Ok(push) = rx.try_recv() {
             if push.kind == PushKind::Disconnection {
                 return "connection closed";
             }
             self.on_shard_push(addr, push, Some(&mut held));
-        }
-        if self.history.is_some() {
-            self.gap_fill(Some(addr)).await;
         }
         for msg in held {
             self.on_message(&msg);
@@ -902,17 +899,38 @@ impl Inner {
             if self.history.is_some() {
                 self.read_starting_points(&subscribe).await;
             }
+            let mut refill = HashSet::new();
             for chunk in subscribe.chunks(BATCH) {
                 let answers = self.shard_pipeline(conn, "SSUBSCRIBE", chunk).await?;
                 let mut refused = Vec::new();
                 for (name, answer) in chunk.iter().zip(answers) {
                     match answer {
-                        Ok(_) => self.shard_subscribed(addr, name),
+                        Ok(_) => {
+                            self.shard_subscribed(addr, name);
+                            refill.insert(name.clone());
+                        }
                         Err(e) => refused.push((name, e)),
                     }
                 }
                 if !refused.is_empty() {
                     self.shard_refused(refused);
+                }
+            }
+            // History topics that were delivering before (this master's connection was lost,
+            // or their slot moved here): what was published while they were not subscribed
+            // comes from the history, before anything live (which waits in the push queue).
+            if self.history.is_some() && !refill.is_empty() {
+                {
+                    let st = lock(&self.state);
+                    refill.retain(|n| {
+                        st.channels
+                            .get(n)
+                            .and_then(|c| c.cursor.as_ref())
+                            .is_some_and(|c| c.delivered)
+                    });
+                }
+                if !refill.is_empty() {
+                    self.gap_fill(Some(addr), Some(&refill)).await;
                 }
             }
         }

@@ -122,6 +122,8 @@ enum Target {
         sentinel: tokio::sync::Mutex<redis::sentinel::Sentinel>,
         master: String,
         node: redis::sentinel::SentinelNodeConnectionInfo,
+        /// `host:port` of each sentinel (for `+switch-master`).
+        addrs: Vec<String>,
     },
     /// A Redis Cluster: see [`cluster`].
     Cluster,
@@ -345,6 +347,8 @@ struct Inner {
     state: Mutex<State>,
     wake: Notify,
     stop: Notify,
+    /// Sentinel: the sentinels named another master; the subscriber reconnects.
+    switched: Notify,
     stopped: AtomicBool,
     up: AtomicBool,
     /// The publisher connection; every publish reads it, only connects and failures change it.
@@ -360,6 +364,8 @@ pub struct RedisBroker {
     inner: Arc<Inner>,
     task: Mutex<Option<JoinHandle<()>>>,
     heartbeat: Mutex<Option<JoinHandle<()>>>,
+    /// Sentinel: the `+switch-master` listener.
+    watcher: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -451,6 +457,7 @@ impl RedisBroker {
                     sentinel: tokio::sync::Mutex::new(sentinel),
                     master: s.master,
                     node,
+                    addrs: s.sentinels,
                 }
             }
         };
@@ -483,6 +490,7 @@ impl RedisBroker {
                 state: Mutex::default(),
                 wake: Notify::new(),
                 stop: Notify::new(),
+                switched: Notify::new(),
                 stopped: AtomicBool::new(false),
                 up: AtomicBool::new(false),
                 publisher: watch::Sender::new(PubConn::Closed("not connected yet".into())),
@@ -493,6 +501,7 @@ impl RedisBroker {
             }),
             task: Mutex::new(None),
             heartbeat: Mutex::new(None),
+            watcher: Mutex::new(None),
         })
     }
 
@@ -571,6 +580,7 @@ impl Inner {
                 sentinel,
                 master,
                 node,
+                ..
             } => {
                 let mut sentinel = sentinel.lock().await;
                 sentinel.async_master_for(master, Some(node)).await
@@ -595,6 +605,61 @@ impl Inner {
         } else {
             self.wake.notify_one();
         }
+    }
+
+    /// Sentinel: listens for `+switch-master` on one sentinel after another. When the watched
+    /// master changes, the subscriber and the publisher reconnect at once, to the master the
+    /// sentinels now name, instead of staying on the old one until a command times out there
+    /// (an idle subscriber on a frozen, not dead, master would never notice). Ends when the
+    /// broker stops (the task is aborted).
+    async fn watch_switches(self: Arc<Self>, addrs: Vec<String>, master: String) {
+        let mut failures: u32 = 0;
+        for addr in addrs.iter().cycle() {
+            let listen = async {
+                let mut pubsub = redis::Client::open(format!("redis://{addr}"))?
+                    .get_async_pubsub()
+                    .await?;
+                pubsub.subscribe("+switch-master").await?;
+                Ok::<_, RedisError>(pubsub)
+            };
+            let pubsub = match tokio::time::timeout(self.timeout, listen).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    tracing::debug!(sentinel = %addr, error = %e, "cannot listen to a sentinel");
+                    failures += 1;
+                    tokio::time::sleep(reconnect_delay(failures)).await;
+                    continue;
+                }
+                Err(_) => {
+                    failures += 1;
+                    tokio::time::sleep(reconnect_delay(failures)).await;
+                    continue;
+                }
+            };
+            failures = 0;
+            let mut messages = pubsub.into_on_message();
+            while let Some(msg) = messages.next().await {
+                // `<master name> <old ip> <old port> <new ip> <new port>`
+                let payload = String::from_utf8_lossy(msg.get_payload_bytes()).into_owned();
+                if payload.split(' ').next() == Some(master.as_str()) {
+                    tracing::info!(sentinel = %addr, switch = %payload.chars().take(200).collect::<String>(), "the sentinels switched masters; reconnecting");
+                    self.master_switched();
+                }
+            }
+            tracing::debug!(sentinel = %addr, "lost the sentinel connection; listening to the next");
+        }
+    }
+
+    /// The sentinels named another master: drop both connections to the old one.
+    fn master_switched(&self) {
+        self.publisher.send_if_modified(|st| {
+            let ready = matches!(st, PubConn::Ready(..));
+            if ready {
+                *st = PubConn::Closed("the sentinels switched masters; reconnecting".into());
+            }
+            ready
+        });
+        self.switched.notify_waiters();
     }
 
     fn connection_config(&self) -> AsyncConnectionConfig {
@@ -1051,7 +1116,7 @@ impl Inner {
                 tracing::info!("Redis subscriber reconnected and resubscribed");
                 // Before anything live (it waits in `stream`): what this replica missed.
                 if self.history.is_some() {
-                    self.gap_fill(None).await;
+                    self.gap_fill(None, None).await;
                 }
             }
             connected_before = true;
@@ -1069,6 +1134,7 @@ impl Inner {
                         Some(m) => self.on_message(&m),
                         None => break "connection closed",
                     },
+                    () = self.switched.notified() => break "the sentinels switched masters",
                     () = self.wake.notified() => {
                         if let Err(e) = self.sync(&mut sink, false).await {
                             tracing::warn!(error = %e, "Redis subscribe/unsubscribe failed");
@@ -1736,8 +1802,8 @@ impl Inner {
 
     /// After a reconnect and before anything live: delivers, from each local history topic's
     /// stream, what was published after the last position delivered here, in order. In a
-    /// cluster, for the channels subscribed on one master (`shard`).
-    async fn gap_fill(self: &Arc<Self>, shard: Option<&Arc<str>>) {
+    /// cluster, for the channels subscribed on one master (`shard`), or `only` some of them.
+    async fn gap_fill(self: &Arc<Self>, shard: Option<&Arc<str>>, only: Option<&HashSet<String>>) {
         let Some(sink) = lock(&self.state).sink.clone() else {
             return;
         };
@@ -1747,6 +1813,7 @@ impl Inner {
                 .iter()
                 .filter(|(_, c)| c.wanted && c.active)
                 .filter(|(_, c)| shard.is_none_or(|a| c.on.contains(a)))
+                .filter(|(n, _)| only.is_none_or(|o| o.contains(*n)))
                 .filter_map(|(n, c)| {
                     Some((
                         n.clone(),
@@ -1906,6 +1973,14 @@ impl Broker for RedisBroker {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) =
                     Some(tokio::spawn(self.inner.clone().run_heartbeat()));
+                if let Target::Sentinel { addrs, master, .. } = &self.inner.target {
+                    *self.watcher.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some(tokio::spawn(
+                            self.inner
+                                .clone()
+                                .watch_switches(addrs.clone(), master.clone()),
+                        ));
+                }
                 let (tx, rx) = oneshot::channel();
                 if self.inner.cluster.is_some() {
                     self.inner.start_cluster(tx);
@@ -2151,13 +2226,10 @@ impl Broker for RedisBroker {
                 .take();
             self.inner.stopped.store(true, Ordering::Release);
             self.inner.stop.notify_one();
-            if let Some(h) = self
-                .heartbeat
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take()
-            {
-                h.abort();
+            for handle in [&self.heartbeat, &self.watcher] {
+                if let Some(h) = handle.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                    h.abort();
+                }
             }
             if self.inner.cluster.is_some() {
                 self.inner.stop_cluster(self.inner.timeout * 2).await;
