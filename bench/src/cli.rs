@@ -119,6 +119,11 @@ pub struct Common {
     /// With --spawn: use a redis-server (and the Redis broker) even for one gateway.
     #[arg(long, requires = "spawn")]
     pub redis: bool,
+    /// With --spawn: a Redis Cluster of N masters (no replicas; made with `redis-cli
+    /// --cluster create`, found next to --redis-server-bin) instead of one redis-server; the
+    /// gateways use sharded pub/sub. Each node's CPU is reported.
+    #[arg(long, value_name = "N", requires = "spawn", value_parser = clap::value_parser!(u16).range(3..=16))]
+    pub redis_cluster: Option<u16>,
     /// With --spawn: the gateway binary (default: `wsgate` next to this binary).
     #[arg(long, value_name = "PATH")]
     pub wsgate_bin: Option<PathBuf>,

@@ -49,7 +49,8 @@ impl Deployment {
         let (replicas, api_base, redis, cluster) = if let Some(n) = common.spawn {
             let opts = SpawnOptions {
                 replicas: n,
-                with_redis: n >= 2 || common.redis,
+                with_redis: n >= 2 || common.redis || common.redis_cluster.is_some(),
+                cluster_masters: common.redis_cluster,
                 wsgate_bin: match &common.wsgate_bin {
                     Some(p) => p.clone(),
                     None => spawn::default_wsgate_bin()?,
@@ -74,7 +75,7 @@ impl Deployment {
                     role: Role::Gateway,
                 });
             }
-            if let Some(r) = &cluster.redis {
+            for r in cluster.redis.iter().chain(&cluster.redis_nodes) {
                 processes.push(Watched {
                     name: r.name.clone(),
                     pid: r.pid,

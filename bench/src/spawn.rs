@@ -41,6 +41,8 @@ impl Spawned {
 /// What `--spawn` started.
 pub struct Cluster {
     pub redis: Option<Spawned>,
+    /// With `--redis-cluster`: the Redis Cluster's masters (and no `redis`).
+    pub redis_nodes: Vec<Spawned>,
     pub gateways: Vec<Spawned>,
 }
 
@@ -48,6 +50,8 @@ pub struct Cluster {
 pub struct SpawnOptions {
     pub replicas: u16,
     pub with_redis: bool,
+    /// A Redis Cluster of this many masters instead of one redis-server.
+    pub cluster_masters: Option<u16>,
     pub wsgate_bin: PathBuf,
     pub redis_bin: PathBuf,
     pub key_prefix: Option<String>,
@@ -73,8 +77,12 @@ impl Cluster {
     /// # Errors
     /// A binary is missing, a process exits early or does not come up in time.
     pub async fn start(opts: &SpawnOptions) -> Result<Self> {
-        let redis = if opts.with_redis {
-            let r = start_redis(&opts.redis_bin).await?;
+        let redis_nodes = match opts.cluster_masters {
+            Some(n) => start_redis_cluster(&opts.redis_bin, n).await?,
+            None => Vec::new(),
+        };
+        let redis = if opts.with_redis && redis_nodes.is_empty() {
+            let r = start_redis(&opts.redis_bin, &[], "redis-server".into()).await?;
             eprintln!("[spawn] redis-server pid {} on {}", r.pid, r.addr);
             Some(r)
         } else {
@@ -82,14 +90,23 @@ impl Cluster {
         };
         let mut cluster = Cluster {
             redis,
+            redis_nodes,
             gateways: Vec::new(),
         };
-        let redis_url = cluster
-            .redis
-            .as_ref()
-            .map(|r| format!("redis://{}", r.addr));
+        let redis_args: Vec<String> = if let Some(r) = &cluster.redis {
+            vec!["--redis-url".into(), format!("redis://{}", r.addr)]
+        } else if !cluster.redis_nodes.is_empty() {
+            let nodes: Vec<String> = cluster
+                .redis_nodes
+                .iter()
+                .map(|r| r.addr.to_string())
+                .collect();
+            vec!["--redis-cluster-nodes".into(), nodes.join(",")]
+        } else {
+            Vec::new()
+        };
         for i in 0..opts.replicas {
-            let g = start_gateway(opts, usize::from(i), redis_url.as_deref()).await?;
+            let g = start_gateway(opts, usize::from(i), &redis_args).await?;
             eprintln!("[spawn] {} pid {} on {}", g.name, g.pid, g.addr);
             cluster.gateways.push(g);
         }
@@ -109,7 +126,7 @@ impl Cluster {
         for g in self.gateways {
             g.stop().await;
         }
-        if let Some(r) = self.redis {
+        for r in self.redis.into_iter().chain(self.redis_nodes) {
             r.stop().await;
         }
     }
@@ -120,7 +137,77 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-async fn start_redis(bin: &Path) -> Result<Spawned> {
+/// `n` cluster-enabled redis-servers joined by `redis-cli --cluster create` as masters
+/// without replicas; returns once every node says the cluster is ok.
+async fn start_redis_cluster(bin: &Path, n: u16) -> Result<Vec<Spawned>> {
+    let dir = std::env::temp_dir().join(format!("wsgate-bench-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let bus = free_port()?;
+        let extra = vec![
+            "--cluster-enabled".to_owned(),
+            "yes".into(),
+            "--cluster-config-file".into(),
+            format!("nodes-{i}-{bus}.conf"),
+            "--cluster-port".into(),
+            bus.to_string(),
+            "--dir".into(),
+            dir.to_string_lossy().into_owned(),
+        ];
+        let node = start_redis(bin, &extra, format!("redis-shard-{i}")).await?;
+        eprintln!(
+            "[spawn] redis-server (cluster node {i}) pid {} on {}",
+            node.pid, node.addr
+        );
+        nodes.push(node);
+    }
+    let cli = bin.with_file_name(
+        bin.file_name()
+            .map(|f| f.to_string_lossy().replace("redis-server", "redis-cli"))
+            .unwrap_or_else(|| "redis-cli".into()),
+    );
+    let out = Command::new(&cli)
+        .args(["--cluster", "create"])
+        .args(nodes.iter().map(|n| n.addr.to_string()))
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .await
+        .with_context(|| format!("cannot run {}", cli.display()))?;
+    if !out.status.success() {
+        bail!(
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT * 2;
+    for node in &nodes {
+        let target = RedisTarget {
+            addr: node.addr,
+            user: None,
+            password: None,
+        };
+        loop {
+            let ok = match resp::Client::connect(&target).await {
+                Ok(mut c) => c.command(&["CLUSTER", "INFO"]).await.ok().is_some_and(|v| {
+                    matches!(v, resp::Reply::Bulk(Some(t))
+                            if String::from_utf8_lossy(&t).contains("cluster_state:ok"))
+                }),
+                Err(_) => false,
+            };
+            if ok {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the Redis Cluster on {} never became ok", node.addr);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(nodes)
+}
+
+async fn start_redis(bin: &Path, extra: &[String], name: String) -> Result<Spawned> {
     // The free port can be taken between our probe and redis' bind: retry with another one.
     for _ in 0..5 {
         let port = free_port()?;
@@ -128,6 +215,7 @@ async fn start_redis(bin: &Path) -> Result<Spawned> {
         let mut child = Command::new(bin)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -157,7 +245,7 @@ async fn start_redis(bin: &Path) -> Result<Spawned> {
                 && c.command(&["PING"]).await.is_ok()
             {
                 return Ok(Spawned {
-                    name: "redis-server".into(),
+                    name,
                     pid,
                     addr,
                     child,
@@ -175,7 +263,7 @@ async fn start_redis(bin: &Path) -> Result<Spawned> {
 async fn start_gateway(
     opts: &SpawnOptions,
     index: usize,
-    redis_url: Option<&str>,
+    redis_args: &[String],
 ) -> Result<Spawned> {
     let name = format!("gateway-{index}");
     let mut cmd = Command::new(&opts.wsgate_bin);
@@ -189,9 +277,7 @@ async fn start_gateway(
     cmd.env("WSGATE_LOG_FORMAT", "text")
         .env("WSGATE_LOG", "info")
         .args(["--listen", "127.0.0.1:0"]);
-    if let Some(url) = redis_url {
-        cmd.args(["--redis-url", url]);
-    }
+    cmd.args(redis_args);
     if let Some(prefix) = &opts.key_prefix {
         cmd.args(["--key-prefix", prefix]);
     }

@@ -412,7 +412,12 @@ async fn publishing_while_a_slot_moves_loses_no_acknowledged_history_message() {
         let mut after = 0;
         while after < 20 && n < 5000 {
             let text = format!("{topic}-{n}");
-            if gws[(n % 2) as usize].http().publish_status(topic, &text).await == 200 {
+            if gws[(n % 2) as usize]
+                .http()
+                .publish_status(topic, &text)
+                .await
+                == 200
+            {
                 accepted.push(text);
             }
             n += 1;
