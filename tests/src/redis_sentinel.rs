@@ -93,6 +93,25 @@ impl SentinelGroup {
         Some(port)
     }
 
+    /// A gateway process on this group (key prefix `prefix`, 500 ms Redis timeout), ready.
+    pub async fn gateway(&self, prefix: &str, extra: &[&str]) -> crate::ProcessGateway {
+        let list = self.sentinel_list();
+        let mut args = vec![
+            "--redis-sentinels",
+            list.as_str(),
+            "--redis-sentinel-master",
+            SENTINEL_MASTER,
+            "--key-prefix",
+            prefix,
+            "--connect-timeout-ms",
+            "500",
+        ];
+        args.extend_from_slice(extra);
+        let gw = crate::ProcessGateway::spawn(&args).await;
+        crate::wait_ready(&gw.http(), 200).await;
+        gw
+    }
+
     /// `host:port` of every sentinel, comma-separated (for `--redis-sentinels`).
     pub fn sentinel_list(&self) -> String {
         self.sentinels

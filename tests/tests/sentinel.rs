@@ -8,36 +8,20 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use wsgate_tests::hostile::{expect_rejected_then_good, forged_announcements, hostile_envelopes};
-use wsgate_tests::{
-    Client, ProcessGateway, SENTINEL_MASTER, SentinelGroup, info_field, wait_ready,
-};
+use wsgate_tests::{Client, SentinelGroup, info_field};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_failover_loses_no_acknowledged_message() {
     let group = SentinelGroup::start();
-    let list = group.sentinel_list();
+    let gws = vec![
+        group.gateway("sent", &[]).await,
+        group.gateway("sent", &[]).await,
+    ];
     let SentinelGroup {
         mut master,
         replica,
         sentinels: _sentinels,
     } = group;
-    let args = [
-        "--redis-sentinels",
-        list.as_str(),
-        "--redis-sentinel-master",
-        SENTINEL_MASTER,
-        "--key-prefix",
-        "sent",
-        "--connect-timeout-ms",
-        "500",
-    ];
-    let gws = vec![
-        ProcessGateway::spawn(&args).await,
-        ProcessGateway::spawn(&args).await,
-    ];
-    for gw in &gws {
-        wait_ready(&gw.http(), 200).await;
-    }
     let mut clients = Vec::new();
     for gw in &gws {
         for _ in 0..2 {
@@ -110,19 +94,7 @@ async fn a_master_failover_loses_no_acknowledged_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_payloads_through_sentinel_are_counted_and_good_messages_keep_flowing() {
     let group = SentinelGroup::start();
-    let list = group.sentinel_list();
-    let gw = ProcessGateway::spawn(&[
-        "--redis-sentinels",
-        list.as_str(),
-        "--redis-sentinel-master",
-        SENTINEL_MASTER,
-        "--key-prefix",
-        "bad",
-        "--max-message-bytes",
-        "1000",
-    ])
-    .await;
-    wait_ready(&gw.http(), 200).await;
+    let gw = group.gateway("bad", &["--max-message-bytes", "1000"]).await;
     let mut c = gw.client().await;
     c.join("t").await;
     let bad = hostile_envelopes();
@@ -143,24 +115,10 @@ async fn hostile_payloads_through_sentinel_are_counted_and_good_messages_keep_fl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_master_is_left_as_soon_as_the_sentinels_switch() {
     let group = SentinelGroup::start();
-    let list = group.sentinel_list();
-    let args = [
-        "--redis-sentinels",
-        list.as_str(),
-        "--redis-sentinel-master",
-        SENTINEL_MASTER,
-        "--key-prefix",
-        "frozen",
-        "--connect-timeout-ms",
-        "500",
-    ];
     let gws = [
-        ProcessGateway::spawn(&args).await,
-        ProcessGateway::spawn(&args).await,
+        group.gateway("frozen", &[]).await,
+        group.gateway("frozen", &[]).await,
     ];
-    for gw in &gws {
-        wait_ready(&gw.http(), 200).await;
-    }
     // The subscriber is on the replica that never publishes: its connections to the old
     // master are idle, so only the sentinels' announcement can tell it to leave.
     let mut c = gws[1].client().await;
