@@ -240,6 +240,31 @@ async fn a_slot_moved_under_live_subscribers_keeps_every_subscription() {
             assert_eq!(c.next_text().await, "before");
         }
         cluster.migrate_slot(slot, to);
+        // A batch to another topic of that slot, at once: wherever the gateway's slot map
+        // still points, every item is published (a MOVED answer is followed), none refused.
+        let neighbour = (0..)
+            .map(|i| format!("n{i}"))
+            .find(|n| wsgate::broker::redis::slot_of(channel(n).as_bytes()) == slot)
+            .unwrap();
+        // First an item of a slot the old master keeps: a pipeline routed by a stale map
+        // goes there, and the moved slot's items come back MOVED.
+        let stays = (0..)
+            .map(|i| format!("s{i}"))
+            .find(|n| {
+                let ch = channel(n);
+                wsgate::broker::redis::slot_of(ch.as_bytes()) != slot
+                    && cluster.master_of(&ch) == from
+            })
+            .unwrap();
+        let mut items = vec![serde_json::json!({"topic": stays, "message": "stays"})];
+        items.extend(
+            (0..3).map(|i| serde_json::json!({"topic": neighbour, "message": format!("b{i}")})),
+        );
+        let (status, body) = gws[1]
+            .http()
+            .post_json("/api/batch", serde_json::json!({ "messages": items }))
+            .await;
+        assert_eq!(status, 200, "{body}");
         wait_until(
             "both replicas subscribed on the new master",
             Duration::from_secs(30),

@@ -271,6 +271,9 @@ enum PubConn {
 enum Conn {
     Node(MultiplexedConnection),
     Cluster(redis::cluster_async::ClusterConnection),
+    /// The cluster connection, sending pipelines to the master of this slot (whatever
+    /// slots their commands name: commands of slots it does not serve are answered MOVED).
+    Routed(redis::cluster_async::ClusterConnection, u16),
 }
 
 impl redis::aio::ConnectionLike for Conn {
@@ -280,7 +283,7 @@ impl redis::aio::ConnectionLike for Conn {
     ) -> redis::RedisFuture<'a, redis::Value> {
         match self {
             Conn::Node(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) | Conn::Routed(c, _) => c.req_packed_command(cmd),
         }
     }
 
@@ -293,13 +296,22 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Node(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Routed(c, slot) => {
+                let route = redis::cluster_routing::SingleNodeRoutingInfo::SpecificNode(
+                    redis::cluster_routing::Route::new(
+                        *slot,
+                        redis::cluster_routing::SlotAddr::Master,
+                    ),
+                );
+                Box::pin(c.route_pipeline(pipeline.clone(), offset, count, route))
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Conn::Node(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(c) | Conn::Routed(c, _) => c.get_db(),
         }
     }
 }
@@ -1424,16 +1436,40 @@ impl Inner {
                 if inner.cluster.is_none() {
                     return inner.pipeline_once(&mut conn, &commands).await;
                 }
-                let mut groups: HashMap<u16, Vec<usize>> = HashMap::new();
+                // One pipeline per master (as the last slot map read says), sent to the
+                // master of its first item's slot.
+                let map = inner.cluster().map();
+                let mut groups: HashMap<Option<Arc<str>>, Vec<usize>> = HashMap::new();
                 for (i, (slot, _, _)) in commands.iter().enumerate() {
-                    groups.entry(*slot).or_default().push(i);
+                    let owner = map.as_ref().and_then(|m| m.owner(*slot)).cloned();
+                    groups.entry(owner).or_default().push(i);
                 }
+                let Conn::Cluster(cluster_conn) = &conn else {
+                    return inner.pipeline_once(&mut conn, &commands).await;
+                };
                 let runs = groups.into_values().map(|indexes| {
-                    let mut conn = conn.clone();
+                    let hint = commands[indexes[0]].0;
+                    let mut routed = Conn::Routed(cluster_conn.clone(), hint);
+                    let mut plain = conn.clone();
                     let group: Vec<(u16, redis::Cmd, Option<redis::Cmd>)> =
                         indexes.iter().map(|i| commands[*i].clone()).collect();
                     async move {
-                        let answers = inner.pipeline_once(&mut conn, &group).await;
+                        let mut answers = inner.pipeline_once(&mut routed, &group).await;
+                        // Items of slots that master does not serve (the map was stale, or a
+                        // slot is moving): again one by one, in order, where the cluster
+                        // connection finds their master. The items of one topic share a slot,
+                        // so its order holds.
+                        if let Ok(answers) = &mut answers {
+                            for (k, answer) in answers.iter_mut().enumerate() {
+                                if matches!(answer, Err(e) if is_redirect(e)) {
+                                    *answer = inner
+                                        .pipeline_once(&mut plain, &group[k..=k])
+                                        .await
+                                        .and_then(|mut a| a.pop().ok_or_else(timeout_error))
+                                        .unwrap_or_else(Err);
+                                }
+                            }
+                        }
                         (indexes, answers)
                     }
                 });
@@ -1932,6 +1968,14 @@ fn timeout_error() -> RedisError {
         std::io::ErrorKind::TimedOut,
         "Redis did not answer in time",
     ))
+}
+
+/// MOVED or ASK: the command's slot is served elsewhere.
+fn is_redirect(e: &RedisError) -> bool {
+    matches!(
+        e.kind(),
+        redis::ErrorKind::Server(redis::ServerErrorKind::Moved | redis::ServerErrorKind::Ask)
+    )
 }
 
 fn is_connection_error(e: &RedisError) -> bool {
