@@ -1122,3 +1122,45 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Any shape a server (or something posing as one) could answer `CLUSTER SLOTS` with.
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Nil),
+            any::<i64>().prop_map(Value::Int),
+            (0i64..20000).prop_map(Value::Int),
+            "[a-z0-9.:? ]{0,12}".prop_map(|s| Value::BulkString(s.into_bytes())),
+            proptest::collection::vec(any::<u8>(), 0..8).prop_map(Value::BulkString),
+            "[a-z]{0,6}".prop_map(Value::SimpleString),
+        ];
+        leaf.prop_recursive(4, 64, 6, |inner| {
+            proptest::collection::vec(inner, 0..6).prop_map(Value::Array)
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_slot_map_answer_is_parsed_or_refused_never_a_panic(v in value()) {
+            if let Ok(map) = SlotMap::parse(&v, "127.0.0.1:7000") {
+                // What is accepted is consistent: ranges in order, not overlapping, and
+                // every slot answered by the range that holds it.
+                prop_assert!(map.ranges.windows(2).all(|w| w[0].1 < w[1].0));
+                for (first, last, addr) in &map.ranges {
+                    prop_assert!(first <= last && *last < SLOTS);
+                    prop_assert_eq!(map.owner(*first), Some(addr));
+                    prop_assert_eq!(map.owner(*last), Some(addr));
+                }
+            }
+        }
+
+        #[test]
+        fn every_name_has_a_slot(name in proptest::collection::vec(any::<u8>(), 0..64)) {
+            prop_assert!(slot_of(&name) < SLOTS);
+        }
+    }
+}
