@@ -12,6 +12,8 @@ pub struct RedisCluster {
     /// The nodes, in the order given to `redis-cli --cluster create` (masters first).
     pub nodes: Vec<RedisServer>,
     dir: std::path::PathBuf,
+    /// The `default` user's password, when the nodes require one.
+    password: Option<String>,
 }
 
 fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
@@ -26,20 +28,38 @@ impl RedisCluster {
     /// `masters` masters with `replicas` replicas each. Returns once every node agrees that
     /// all slots are served and every replica's link to its master is up.
     pub fn start(masters: usize, replicas: usize) -> Self {
+        Self::start_with(masters, replicas, None)
+    }
+
+    /// The same, with every node requiring `password` (clients and replication alike).
+    pub fn start_with_password(masters: usize, replicas: usize, password: &str) -> Self {
+        Self::start_with(masters, replicas, Some(password))
+    }
+
+    fn start_with(masters: usize, replicas: usize, password: Option<&str>) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "wsgate-cluster-{}-{}",
             std::process::id(),
             rand::random::<u32>()
         ));
         std::fs::create_dir_all(&dir).unwrap();
+        let auth: Vec<&str> = match password {
+            Some(pw) => vec!["--requirepass", pw, "--masterauth", pw],
+            None => Vec::new(),
+        };
         let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
-            .map(|_| RedisServer::start_cluster_node(&dir))
+            .map(|_| RedisServer::start_cluster_node(&dir, &auth))
             .collect();
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port()))
             .collect();
-        let out = Command::new("redis-cli")
+        let mut cli = Command::new("redis-cli");
+        if let Some(pw) = password {
+            // Through the environment, not the command line.
+            cli.env("REDISCLI_AUTH", pw);
+        }
+        let out = cli
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
@@ -51,7 +71,11 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let cluster = Self { nodes, dir };
+        let cluster = Self {
+            nodes,
+            dir,
+            password: password.map(str::to_owned),
+        };
         cluster.wait_settled(Duration::from_secs(60));
         cluster
     }
@@ -111,7 +135,11 @@ impl RedisCluster {
         if !n.is_running() {
             return None;
         }
-        let client = redis::Client::open(n.url()).ok()?;
+        let url = match &self.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", n.port()),
+            None => n.url(),
+        };
+        let client = redis::Client::open(url).ok()?;
         client
             .get_connection_with_timeout(Duration::from_secs(2))
             .ok()

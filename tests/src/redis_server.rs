@@ -148,11 +148,11 @@ impl RedisServer {
     /// A Redis Cluster node (not yet part of a cluster: see `RedisCluster`), keeping its
     /// cluster state in `dir` (so that a restart rejoins). Its cluster bus port is a second
     /// free port, a master is failed over after 1 s without an answer.
-    pub fn start_cluster_node(dir: &std::path::Path) -> Self {
+    pub fn start_cluster_node(dir: &std::path::Path, extra_args: &[&str]) -> Self {
         for _ in 0..20 {
             let port = free_port();
             let bus = free_port();
-            let extra: Vec<String> = [
+            let mut extra: Vec<String> = [
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
@@ -167,6 +167,7 @@ impl RedisServer {
             .iter()
             .map(|s| (*s).to_owned())
             .collect();
+            extra.extend(extra_args.iter().map(|s| (*s).to_owned()));
             if let Some(child) = Self::spawn(port, None, &extra) {
                 return Self {
                     port,

@@ -487,3 +487,37 @@ async fn publishing_while_a_slot_moves_loses_no_acknowledged_history_message() {
     }
     let _: Vec<Client> = clients;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_protected_cluster_takes_the_credentials_from_the_url() {
+    let cluster = RedisCluster::start_with_password(3, 0, "s3cret-pw");
+    // The URL's host is not used: only its credentials.
+    let gws = gateways(
+        &cluster,
+        2,
+        &["--redis-url", "redis://:s3cret-pw@not-used.invalid:1"],
+    )
+    .await;
+    let topics = topics_on_every_master(&cluster, 1);
+    let mut c = gws[1].client().await;
+    for t in &topics {
+        c.join(t).await;
+    }
+    for t in &topics {
+        gws[0].http().publish(t, t).await;
+        assert_eq!(&c.next_text().await, t);
+    }
+    // A wrong password: the gateway starts, stays unready, and refuses to publish.
+    let seeds = cluster.seeds();
+    let wrong = ProcessGateway::spawn(&[
+        "--redis-cluster-nodes",
+        &seeds,
+        "--redis-url",
+        "redis://:wrong@not-used.invalid:1",
+        "--connect-timeout-ms",
+        "500",
+    ])
+    .await;
+    wait_ready(&wrong.http(), 503).await;
+    assert_eq!(wrong.http().publish_status("t", "m").await, 503);
+}
