@@ -467,6 +467,19 @@ impl Client {
         }
     }
 
+    /// The text frames before `marker` (a message sent last, to know everything before it
+    /// arrived), in order; the marker itself is consumed.
+    pub async fn texts_until(&mut self, marker: &str) -> Vec<String> {
+        let mut got = Vec::new();
+        loop {
+            let t = self.next_text().await;
+            if t == marker {
+                return got;
+            }
+            got.push(t);
+        }
+    }
+
     pub async fn next_json(&mut self) -> Value {
         serde_json::from_str(&self.next_text().await).unwrap()
     }
@@ -835,6 +848,19 @@ pub async fn fleet(
         wait_ready(&gw.http(), 200).await;
     }
     out
+}
+
+/// Polls `check` every 50 ms (blocking the thread) until it holds; panics after `limit`.
+/// For the Redis topology helpers, which ask the servers with blocking connections.
+pub(crate) fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: never happened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Waits until `/readyz` answers `want`.

@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::RedisServer;
+use crate::{RedisServer, wait_for};
 
 /// Masters and replicas, every one a `redis-server` child process.
 pub struct RedisCluster {
@@ -14,14 +14,6 @@ pub struct RedisCluster {
     dir: std::path::PathBuf,
     /// The `default` user's password, when the nodes require one.
     password: Option<String>,
-}
-
-fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}: never happened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 impl RedisCluster {

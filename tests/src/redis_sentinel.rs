@@ -1,8 +1,8 @@
 //! A real Redis Sentinel group on loopback: one master, one replica, three sentinels.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::RedisServer;
+use crate::{RedisServer, wait_for};
 
 /// The name the sentinels know the master by.
 pub const SENTINEL_MASTER: &str = "wsgate-master";
@@ -12,14 +12,6 @@ pub struct SentinelGroup {
     pub master: RedisServer,
     pub replica: RedisServer,
     pub sentinels: Vec<RedisServer>,
-}
-
-fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}: never happened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// A field of `INFO section` on `server`.

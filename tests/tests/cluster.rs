@@ -467,14 +467,7 @@ async fn publishing_while_a_slot_moves_loses_no_acknowledged_history_message() {
             // published after the move, must arrive).
             gws[0].http().publish(topic, "last").await;
             for c in &mut clients {
-                let mut got = BTreeSet::new();
-                loop {
-                    let t = c.next_text().await;
-                    if t == "last" {
-                        break;
-                    }
-                    got.insert(t);
-                }
+                let got: BTreeSet<String> = c.texts_until("last").await.into_iter().collect();
                 lost_plain += accepted.iter().filter(|m| !got.contains(*m)).count();
             }
             println!(

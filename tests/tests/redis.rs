@@ -336,14 +336,7 @@ async fn redis_restart_loses_no_acknowledged_message_and_resumes_without_rejoini
     assert_eq!(late.next_text().await, "late works");
     for (g, t, c) in &mut clients {
         gws[*g].http().send(&c.socket_id, "marker").await;
-        let mut got = Vec::new();
-        loop {
-            let m = c.next_text().await;
-            if m == "marker" {
-                break;
-            }
-            got.push(m);
-        }
+        let got = c.texts_until("marker").await;
         // Every 2xx-answered message on this topic, through either gateway, arrived in order:
         // a replica back from the outage publishes only once the others have resubscribed.
         let want: Vec<&String> = accepted
